@@ -146,15 +146,15 @@ EXTENSION_STANDIN = '''\
 """Stand-in for detectron2's compiled extension: this detectron2 was built without it.
 
 Written by maskpyramid's build step (see maskpyramid/compat.py). Everything a Mask R-CNN needs
-works without it (RoIAlign and NMS run on torchvision); the features below raise
-MissingExtensionError, naming the feature and the remedy, when they are used.
+works without it (RoIAlign, NMS and DeformConv on CPU run on torchvision); the features below
+raise MissingExtensionError, naming the feature and the remedy, when they are used.
 """
 import torch
 
 PURE_PYTHON_STANDIN = True
 
 _FEATURES = {
-    "deform_conv": "deformable convolution (detectron2.layers.DeformConv)",
+    "deform_conv": "deformable convolution on CUDA (detectron2.layers.DeformConv)",
     "modulated_deform_conv": "modulated deformable convolution (ModulatedDeformConv)",
     "box_iou_rotated": "rotated-box IoU (detectron2.structures.pairwise_iou_rotated)",
     "roi_align_rotated": "rotated RoIAlign (detectron2.layers.ROIAlignRotated)",
