@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINT_PATHS := $(wildcard maskpyramid projects tools tests benchmarks train_net.py)
 SETUP_INPUTS := requirements.txt setup.cfg pyproject.toml tools/build_detectron2.py maskpyramid/compat.py
 
 .PHONY: venv demo test lint format
@@ -26,10 +27,10 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 lint: $(STAMP)
-	$(PY) -m flake8 maskpyramid projects tools tests benchmarks train_net.py
-	$(PY) -m isort --check-only --diff maskpyramid projects tools tests benchmarks train_net.py
-	$(PY) -m black --check maskpyramid projects tools tests benchmarks train_net.py
+	$(PY) -m flake8 $(LINT_PATHS)
+	$(PY) -m isort --check-only --diff $(LINT_PATHS)
+	$(PY) -m black --check $(LINT_PATHS)
 
 format: $(STAMP)
-	$(PY) -m isort maskpyramid projects tools tests benchmarks train_net.py
-	$(PY) -m black maskpyramid projects tools tests benchmarks train_net.py
+	$(PY) -m isort $(LINT_PATHS)
+	$(PY) -m black $(LINT_PATHS)

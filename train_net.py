@@ -4,6 +4,7 @@
 Same command line as detectron2's tools/train_net.py, plus ``--register-coco NAME JSON IMAGE_ROOT``.
 ``--num-gpus N`` runs N processes: on GPUs with NCCL, on a CPU machine with gloo.
 """
+
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 

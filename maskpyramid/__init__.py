@@ -1,4 +1,5 @@
 """MaskPyramid: a detectron2 extension. Importing it registers the project's datasets and models."""
+
 from . import compat
 
 compat.install()  # before anything builds a COCOEvaluator; a no-op on upstream detectron2

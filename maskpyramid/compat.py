@@ -42,6 +42,7 @@ Multi-process training on CPU (v0.6's ``launch`` asserts CUDA and hard-codes NCC
 This module imports nothing but the standard library at its top, so that the build step can load
 it before detectron2 exists.
 """
+
 import importlib
 import logging
 import re
@@ -153,15 +154,16 @@ import torch
 
 PURE_PYTHON_STANDIN = True
 
+_FAST_EVAL = "detectron2's fast COCO evaluation (COCOEvaluator(use_fast_impl=True))"
 _FEATURES = {
     "deform_conv": "deformable convolution on CUDA (detectron2.layers.DeformConv)",
     "modulated_deform_conv": "modulated deformable convolution (ModulatedDeformConv)",
     "box_iou_rotated": "rotated-box IoU (detectron2.structures.pairwise_iou_rotated)",
     "roi_align_rotated": "rotated RoIAlign (detectron2.layers.ROIAlignRotated)",
     "nms_rotated": "rotated NMS (detectron2.layers.nms_rotated)",
-    "COCOeval": "detectron2's fast COCO evaluation (COCOEvaluator(use_fast_impl=True))",
-    "InstanceAnnotation": "detectron2's fast COCO evaluation (COCOEvaluator(use_fast_impl=True))",
-    "ImageEvaluationInstance": "detectron2's fast COCO evaluation (COCOEvaluator(use_fast_impl=True))",
+    "COCOeval": _FAST_EVAL,
+    "InstanceAnnotation": _FAST_EVAL,
+    "ImageEvaluationInstance": _FAST_EVAL,
 }
 _REMEDY = {
     "COCOeval": "`import maskpyramid` (routes it to faster-coco-eval) or pass use_fast_impl=False",
@@ -175,7 +177,7 @@ class MissingExtensionError(RuntimeError):
 def _error(name):
     feature = next((f for k, f in _FEATURES.items() if name.startswith(k)), "detectron2._C." + name)
     remedy = next((r for k, r in _REMEDY.items() if name.startswith(k)), None)
-    remedy = remedy or "install an upstream detectron2 built from source with its C++/CUDA extension"
+    remedy = remedy or "install upstream detectron2 built from source with its C++/CUDA extension"
     return MissingExtensionError(
         f"{feature} needs detectron2's compiled extension, and this detectron2 is a pure-Python "
         f"build (no detectron2._C). Remedy: {remedy}."

@@ -1,6 +1,6 @@
 """Config keys of the project: ``add_maskpyramid_config`` and the number-of-classes check."""
-import torch
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 

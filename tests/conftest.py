@@ -1,11 +1,12 @@
 """Shared fixtures: a tiny `shapes` dataset and configs of the real models sized for tests."""
+
 import os
 
 import pytest
 
 import maskpyramid  # noqa: F401  (registers datasets)
 from maskpyramid.config import add_maskpyramid_config, resolve_num_classes
-from maskpyramid.data.shapes import ShapesSpec, register_shapes
+from maskpyramid.data.shapes import ShapesSpec, ensure_shapes, register_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPEC = ShapesSpec(height=64, width=64, min_radius=4.0, max_radius=30.0, max_instances=5)
@@ -16,6 +17,7 @@ TINY_SPLITS = {"tiny_shapes_train": ("tiny_train", 16), "tiny_shapes_val": ("tin
 def tiny_shapes(tmp_path_factory):
     """Registers `tiny_shapes_train` (16 images) and `tiny_shapes_val` (6), 64x64 pixels."""
     root = tmp_path_factory.mktemp("datasets")
+    ensure_shapes(str(root), TINY_SPEC, TINY_SPLITS)
     register_shapes(str(root), TINY_SPEC, TINY_SPLITS)
     return str(root)
 

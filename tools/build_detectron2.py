@@ -13,6 +13,7 @@ stray top-level ``tools`` package). This script:
 
 Usage: python tools/build_detectron2.py --out build/wheels
 """
+
 import argparse
 import hashlib
 import importlib.util
@@ -29,7 +30,7 @@ SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29
 VERSION = "0.6+purepython"
 REPO = Path(__file__).resolve().parents[1]
 
-SETUP_PY = '''\
+SETUP_PY = """\
 from setuptools import setup, find_packages
 
 PROJECTS = {
@@ -53,7 +54,7 @@ setup(
         "iopath>=0.1.7,<0.1.10", "omegaconf>=2.1", "hydra-core>=1.1",
     ],
 )
-'''
+"""
 
 
 def load_compat():

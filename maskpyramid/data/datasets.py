@@ -4,6 +4,7 @@ Everything here loads through :func:`load_coco_instances`, detectron2's ``load_c
 a validation pass that drops bad annotations with a warning naming each one (instead of crashing
 the run, or silently training on a zero-area box).
 """
+
 import json
 import logging
 import os
@@ -37,7 +38,9 @@ FRUITS_NUTS_CANDIDATES = (
 
 def _polygon_area(flat: List[float]) -> float:
     xs, ys = flat[0::2], flat[1::2]
-    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1])))
+    return 0.5 * abs(
+        sum(x0 * y1 - x1 * y0 for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1]))
+    )
 
 
 def _annotation_problem(ann: Dict, category_ids) -> Optional[str]:

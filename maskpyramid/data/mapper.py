@@ -1,4 +1,5 @@
 """Dataset mappers: detectron2's ``DatasetMapper`` with errors that name the image at fault."""
+
 from typing import Dict
 
 from detectron2.data import DatasetMapper

@@ -15,15 +15,15 @@ With ``DATALOADER.ASPECT_RATIO_GROUPING`` and images of several aspect ratios, b
 from a buffer, so a resumed run is exact only in which samples and augmentations are drawn, not
 in how they are grouped into batches.
 """
+
 import itertools
 import random
 from typing import Dict, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
-
 from detectron2.utils import comm
+from torch.utils.data import Dataset, Sampler
 
 __all__ = ["ResumableTrainingSampler", "PositionedDataset", "SeededMapper"]
 

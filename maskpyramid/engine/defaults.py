@@ -1,4 +1,5 @@
 """The command line and config set-up shared by ``train_net.py`` and the tools."""
+
 import argparse
 
 from detectron2.config import get_cfg

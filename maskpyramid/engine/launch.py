@@ -5,6 +5,7 @@ unchanged; without CUDA it spawns the same processes with the gloo backend (what
 detectron2 does on CPU since 2023), sets detectron2's local process group, and gives each process
 its share of the CPU threads.
 """
+
 import logging
 import os
 from datetime import timedelta
@@ -12,7 +13,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
@@ -48,7 +48,13 @@ def launch(
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend.lower() == "nccl":
         return detectron2_launch(
-            main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args, timeout
+            main_func,
+            num_processes_per_machine,
+            num_machines,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
         )
     world_size = num_machines * num_processes_per_machine
     if world_size == 1:

@@ -10,15 +10,13 @@ Differences from ``DefaultTrainer``, each one small:
   sampling) is seeded per iteration (:class:`IterationSeed`), optimizer and scheduler come back;
 - images that cannot be read raise an error naming the file (:class:`CheckedDatasetMapper`).
 """
+
 import logging
 import os
 import weakref
 
 import numpy as np
-
 import torch
-from torch.nn.parallel import DistributedDataParallel
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import (
     DatasetCatalog,
@@ -32,6 +30,7 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTraine
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data.mapper import CheckedDatasetMapper
 from ..data.sampling import PositionedDataset, ResumableTrainingSampler, SeededMapper
@@ -133,16 +132,18 @@ class Trainer(DefaultTrainer):
         dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-            if cfg.MODEL.KEYPOINT_ON
-            else 0,
+            min_keypoints=(
+                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            ),
         )
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         self._train_mapper = SeededMapper(self.build_train_mapper(cfg), seed)
         self._train_sampler = ResumableTrainingSampler(
             len(dicts), seed, total_batch_size=cfg.SOLVER.IMS_PER_BATCH
         )
-        dataset = MapDataset(PositionedDataset(DatasetFromList(dicts, copy=True)), self._train_mapper)
+        dataset = MapDataset(
+            PositionedDataset(DatasetFromList(dicts, copy=True)), self._train_mapper
+        )
         return build_batch_data_loader(
             dataset,
             self._train_sampler,

@@ -1,4 +1,5 @@
 """The compatibility layer: source fixes, the _C stand-in, COCO eval routing, inertness upstream."""
+
 import sys
 import types
 

@@ -1,12 +1,12 @@
 """Bad annotations are dropped with a warning naming them; bad paths fail before training."""
+
 import json
-import os
 import logging
+import os
 import subprocess
 import sys
 
 import pytest
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from maskpyramid.data.datasets import (
@@ -74,7 +74,8 @@ def test_register_coco_with_wrong_paths_fails_immediately(tmp_path):
 
 
 def test_train_net_rejects_a_wrong_register_coco_path_before_training(tmp_path):
-    cmd = [sys.executable, "train_net.py", "--config-file", "configs/shapes/mask_rcnn_R_18_FPN.yaml",
+    cmd = [sys.executable, "train_net.py",
+           "--config-file", "configs/shapes/mask_rcnn_R_18_FPN.yaml",
            "--register-coco", "mine", str(tmp_path / "missing.json"), str(tmp_path),
            "OUTPUT_DIR", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

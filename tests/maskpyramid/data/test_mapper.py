@@ -1,6 +1,6 @@
 """A missing or corrupt image is an error that names the file and the image id."""
-import pytest
 
+import pytest
 from detectron2.data import DatasetCatalog
 
 from maskpyramid.data.mapper import CheckedDatasetMapper, ImageReadError

@@ -5,18 +5,18 @@ Used by test_launch.py: N processes and 1 process, same total batch and seed, mu
 same parameters. (Mask R-CNN itself is not such a model: its RoI sampling is random per process
 and its mask loss is averaged over a number of RoIs that differs between processes.)
 """
+
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import get_cfg
 from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from torch import nn
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 sys.path.insert(0, REPO)
@@ -42,7 +42,9 @@ class OneStepNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
     def forward(self, batched_inputs):
-        images = torch.stack([(x["image"] - self.pixel_mean) / self.pixel_std for x in batched_inputs])
+        images = torch.stack(
+            [(x["image"] - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        )
         targets = torch.stack(
             [x["instances"].gt_masks.tensor.any(0).float() for x in batched_inputs]
         )

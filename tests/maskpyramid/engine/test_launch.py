@@ -1,4 +1,5 @@
 """Multi-process training on CPU (gloo): 2 processes give what 1 process gives."""
+
 import os
 import subprocess
 import sys

@@ -1,11 +1,10 @@
 """Trainer: the real Mask R-CNN on tiny data; resume, atomic checkpoints, NaN, bad input."""
+
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -161,7 +160,9 @@ def test_stream_resumes_at_its_position_and_shards_like_one_process(monkeypatch)
     shards = []
     for rank in (0, 1):
         monkeypatch.setattr(comm, "get_rank", lambda: rank)
-        shards.append([k for _, k in zip(range(20), iter(ResumableTrainingSampler(16, 3, True, 4)))])
+        shards.append(
+            [k for _, k in zip(range(20), iter(ResumableTrainingSampler(16, 3, True, 4)))]
+        )
     for it in range(10):  # iteration `it`: 2 images per rank, together the 4 of one process
         both = shards[0][2 * it : 2 * it + 2] + shards[1][2 * it : 2 * it + 2]
         assert sorted(both) == sorted(stream[4 * it : 4 * it + 4])
