@@ -1,6 +1,6 @@
 """Two optimizer steps of a small deterministic model through maskpyramid's launch and Trainer.
 
-Usage: python one_step.py NUM_PROCESSES DATA_ROOT OUTPUT_DIR
+Usage: python one_step.py NUM_PROCESSES DATA_ROOT OUTPUT_DIR [NUM_MACHINES MACHINE_RANK DIST_URL]
 Used by test_launch.py: N processes and 1 process, same total batch and seed, must end with the
 same parameters. (Mask R-CNN itself is not such a model: its RoI sampling is random per process
 and its mask loss is averaged over a number of RoIs that differs between processes.)
@@ -74,5 +74,8 @@ def run(root, output_dir):
 
 if __name__ == "__main__":
     num_processes, root, output_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    num_machines, machine_rank, dist_url = 1, 0, "auto"
+    if len(sys.argv) > 4:
+        num_machines, machine_rank, dist_url = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
     os.makedirs(output_dir, exist_ok=True)
-    launch(run, num_processes, dist_url="auto", args=(root, output_dir))
+    launch(run, num_processes, num_machines, machine_rank, dist_url, args=(root, output_dir))

@@ -4,27 +4,53 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+from detectron2.engine.launch import _find_free_port
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "one_step.py")
 
 
-def _train(num_processes, root, output_dir):
+def _train(num_processes, root, output_dir, *machine):
     proc = subprocess.run(
-        [sys.executable, SCRIPT, str(num_processes), root, str(output_dir)],
+        [sys.executable, SCRIPT, str(num_processes), root, str(output_dir), *machine],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(output_dir / "model_final.pth", map_location="cpu", weights_only=False)
 
 
-def test_two_cpu_processes_equal_one_process(tiny_shapes, tmp_path):
-    one = _train(1, tiny_shapes, tmp_path / "one")
-    two = _train(2, tiny_shapes, tmp_path / "two")
-    assert sorted(os.listdir(tmp_path / "two"))[-2:] == ["rank0_of_2", "rank1_of_2"]
+def _assert_same_weights(one, two):
     assert one["iteration"] == two["iteration"] == 1
     for key, value in one["model"].items():
         if key.endswith("num_batches_tracked"):  # NaiveSyncBatchNorm does not count across ranks
             continue
         torch.testing.assert_close(two["model"][key], value, rtol=0, atol=1e-5, msg=key)
     assert not torch.equal(one["model"]["body.1.running_mean"], torch.zeros(8))
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_shapes, tmp_path_factory):
+    return _train(1, tiny_shapes, tmp_path_factory.mktemp("one"))
+
+
+def test_two_cpu_processes_equal_one_process(one_process, tiny_shapes, tmp_path):
+    two = _train(2, tiny_shapes, tmp_path)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("rank")) == [
+        "rank0_of_2",
+        "rank1_of_2",
+    ]
+    _assert_same_weights(one_process, two)
+
+
+def test_two_machines_of_one_process_equal_one_process(one_process, tiny_shapes, tmp_path):
+    port = _find_free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    cmd = [sys.executable, SCRIPT, "1", tiny_shapes, str(tmp_path), "2", "1", url]
+    machine1 = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        two = _train(1, tiny_shapes, tmp_path, "2", "0", url)
+        assert machine1.wait(timeout=120) == 0, machine1.stderr.read()[-3000:]
+    finally:
+        machine1.kill()
+    _assert_same_weights(one_process, two)
