@@ -35,9 +35,12 @@ Run time (:func:`install`, called by ``import maskpyramid``; a no-op where ``_C`
   to pycocotools, several times faster) instead of detectron2's compiled ``COCOeval_opt``; without
   faster-coco-eval it falls back to pycocotools' official ``COCOeval``.
 
-Multi-process training on CPU (v0.6's ``launch`` asserts CUDA and hard-codes NCCL) is
-:func:`maskpyramid.engine.launch.launch`, which uses gloo on CPU and defers to detectron2's own
-``launch`` whenever CUDA devices are used.
+Two more v0.6 gaps are closed in :mod:`maskpyramid.engine`, where the code they belong to lives:
+multi-process training on CPU (v0.6's ``launch`` asserts CUDA and hard-codes NCCL;
+:func:`~maskpyramid.engine.launch.launch` uses gloo without CUDA and defers to detectron2's own
+``launch`` with it, and ``Trainer`` wraps CPU models in DDP with ``device_ids=None``), and
+checkpoints without the optimizer state (v0.6's ``DefaultTrainer`` leaves it out, so its
+``--resume`` restarts momentum from zero; ``Trainer`` saves it as upstream does now).
 
 This module imports nothing but the standard library at its top, so that the build step can load
 it before detectron2 exists.
