@@ -138,3 +138,16 @@ def test_install_is_inert_on_a_compiled_detectron2(monkeypatch):
     assert compat.has_compiled_extension()
     assert compat.install() is False
     assert coco_evaluation.COCOeval_opt is before
+
+
+def test_built_wheel_has_model_zoo_configs_and_no_stray_packages():
+    import importlib.metadata
+
+    if compat.has_compiled_extension():
+        pytest.skip("upstream detectron2: not built by tools/build_detectron2.py")
+    files = importlib.metadata.files("detectron2")
+    top_level = {f.parts[0] for f in files if not f.parts[0].endswith(".dist-info")}
+    assert top_level == {"detectron2"}  # upstream's setup.py would also install `tools`
+    configs = [f for f in files if "model_zoo/configs" in f.as_posix() and f.suffix == ".yaml"]
+    assert len(configs) >= 90
+    assert any(f.as_posix().endswith("projects/point_rend/point_features.py") for f in files)
