@@ -13,12 +13,12 @@ import io
 import time
 
 import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 import maskpyramid  # noqa: F401  (routes COCOeval_opt to faster-coco-eval)
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
 
 
 def fake_predictions(coco: COCO, seed: int = 0):

@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
