@@ -8,6 +8,7 @@ the run, or silently training on a zero-area box).
 import json
 import logging
 import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -96,8 +97,8 @@ def validate_coco_annotations(dataset: Dict, json_file: str) -> Tuple[Dict, int]
 def load_coco_instances(json_file: str, image_root: str, dataset_name: str) -> List[Dict]:
     """detectron2's ``load_coco_json`` after :func:`validate_coco_annotations`.
 
-    A json that needs no fix is loaded as it is; otherwise the cleaned copy is written next to the
-    outputs (``$TMPDIR``), since ``load_coco_json`` reads from a path.
+    A json that needs no fix is loaded as it is; otherwise a cleaned copy is written to a temporary
+    file (``load_coco_json`` reads from a path), loaded, and removed.
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"dataset '{dataset_name}': annotation file {json_file} not found")
@@ -105,8 +106,6 @@ def load_coco_instances(json_file: str, image_root: str, dataset_name: str) -> L
         dataset = json.load(f)
     dataset, dropped = validate_coco_annotations(dataset, json_file)
     if dropped:
-        import tempfile
-
         fd, json_file = tempfile.mkstemp(prefix=f"{dataset_name}_", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(dataset, f)
