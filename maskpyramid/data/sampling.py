@@ -56,9 +56,12 @@ class ResumableTrainingSampler(Sampler):
         g = torch.Generator()
         g.manual_seed(self.seed)
         for epoch in itertools.count():
-            order = torch.randperm(self._size, generator=g) if self._shuffle else range(self._size)
+            if self._shuffle:
+                order = torch.randperm(self._size, generator=g).tolist()
+            else:
+                order = range(self._size)
             base = epoch * self._size
-            for offset, index in enumerate(order.tolist() if self._shuffle else order):
+            for offset, index in enumerate(order):
                 yield (base + offset) * self._size + index
 
     def __iter__(self):
