@@ -106,7 +106,7 @@ def nonempty(boxes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
 
 
 def smooth_l1_loss(input: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
-    """Summed smooth-L1 (Huber) loss; ``beta`` < 1e-5 is the plain L1 loss (detectron2's default)."""
+    """Summed smooth-L1 (Huber) loss; ``beta`` < 1e-5 is plain L1 (detectron2's default)."""
     diff = torch.abs(input - target)
     if beta < 1e-5:
         return diff.sum()
