@@ -9,6 +9,8 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import maskpyramid  # noqa: F401  (registers datasets and models)
+import scratch_mask_rcnn  # registers ScratchMaskRCNN
+from maskpyramid.config import NUM_CLASSES_KEYS
 from maskpyramid.engine import (
     AtomicCheckpointer,
     Trainer,
@@ -18,9 +20,13 @@ from maskpyramid.engine import (
     setup,
 )
 
+# the projects' config keys, and where their models read the number of classes
+ADD_CONFIGS = (scratch_mask_rcnn.add_scratch_mask_rcnn_config,)
+NUM_CLASSES_KEYS.update(scratch_mask_rcnn.NUM_CLASSES_KEYS)
+
 
 def main(args):
-    cfg = setup(args)
+    cfg = setup(args, ADD_CONFIGS)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

@@ -5,9 +5,11 @@ import os
 import pytest
 
 import maskpyramid  # noqa: F401  (registers datasets)
-from maskpyramid.config import add_maskpyramid_config, resolve_num_classes
+import scratch_mask_rcnn
+from maskpyramid.config import NUM_CLASSES_KEYS, add_maskpyramid_config, resolve_num_classes
 from maskpyramid.data.shapes import ShapesSpec, ensure_shapes, register_shapes
 
+NUM_CLASSES_KEYS.update(scratch_mask_rcnn.NUM_CLASSES_KEYS)  # as train_net.py does
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPEC = ShapesSpec(height=64, width=64, min_radius=4.0, max_radius=30.0, max_instances=5)
 TINY_SPLITS = {"tiny_shapes_train": ("tiny_train", 16), "tiny_shapes_val": ("tiny_val", 6)}
@@ -46,6 +48,7 @@ def make_cfg(tiny_shapes, tmp_path):
 
         cfg = get_cfg()
         add_maskpyramid_config(cfg)
+        scratch_mask_rcnn.add_scratch_mask_rcnn_config(cfg)
         cfg.merge_from_file(os.path.join(REPO, config_file))
         cfg.merge_from_list(TINY_MASK_RCNN + ["OUTPUT_DIR", str(output_dir or tmp_path)])
         cfg.merge_from_list(list(opts))

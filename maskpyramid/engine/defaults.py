@@ -1,6 +1,7 @@
 """The command line and config set-up shared by ``train_net.py`` and the tools."""
 
 import argparse
+from typing import Callable, Sequence
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
@@ -34,10 +35,16 @@ def register_datasets_from_args(args) -> None:
         register_coco_instances_checked(name, json_file, image_root)
 
 
-def setup(args):
-    """Config from ``--config-file`` and ``opts``, datasets registered, classes checked."""
+def setup(args, add_configs: Sequence[Callable] = ()):
+    """Config from ``--config-file`` and ``opts``, datasets registered, classes checked.
+
+    Args:
+        add_configs: more ``add_*_config(cfg)`` functions, e.g. of projects, run before merging.
+    """
     cfg = get_cfg()
     add_maskpyramid_config(cfg)
+    for add_config in add_configs:
+        add_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     # before the datasets, whose loading and generation log through it
