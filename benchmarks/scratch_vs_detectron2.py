@@ -130,9 +130,8 @@ def main():
                     infer[arch].append(time.perf_counter() - start)
                     detections[arch] += len(out[0]["instances"])
 
-    print(
-        f"config: {args.config_file} {' '.join(args.opts)}; inference weights: {args.weights or 'as trained here'}"
-    )
+    weights = args.weights or "as trained here"
+    print(f"config: {args.config_file} {' '.join(args.opts)}; inference weights: {weights}")
     print(
         f"device: {cfg.MODEL.DEVICE}, torch threads: {torch.get_num_threads()}, "
         f"batch: {cfg.SOLVER.IMS_PER_BATCH}, input: {cfg.INPUT.MIN_SIZE_TRAIN}, "
