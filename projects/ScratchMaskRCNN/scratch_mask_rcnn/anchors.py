@@ -72,25 +72,17 @@ class AnchorGenerator(nn.Module):
         """Anchors per location, per level (detectron2's name)."""
         return self.num_cell_anchors
 
+    def _centres(self, n: int, stride: int, device) -> torch.Tensor:
+        # the float32 arange of detectron2's _create_grid_offsets, for identical values
+        start = self.offset * stride
+        return torch.arange(start, n * stride, step=stride, dtype=torch.float32, device=device)
+
     def grid_anchors(self, grid_sizes: List[Sequence[int]]) -> List[torch.Tensor]:
         out = []
         for i, ((h, w), stride) in enumerate(zip(grid_sizes, self.strides)):
             base = getattr(self, f"cell_anchors_{i}")
-            # the arange of detectron2's _create_grid_offsets, float32 as there
-            xs = torch.arange(
-                self.offset * stride,
-                w * stride,
-                step=stride,
-                dtype=torch.float32,
-                device=base.device,
-            )
-            ys = torch.arange(
-                self.offset * stride,
-                h * stride,
-                step=stride,
-                dtype=torch.float32,
-                device=base.device,
-            )
+            xs = self._centres(w, stride, base.device)
+            ys = self._centres(h, stride, base.device)
             sy, sx = torch.meshgrid(ys, xs, indexing="ij")
             sx, sy = sx.reshape(-1), sy.reshape(-1)
             shifts = torch.stack((sx, sy, sx, sy), dim=1)
