@@ -79,12 +79,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Returns:
         int64 indices of the kept boxes, by decreasing score (ties: lower index first).
     """
-    _check(boxes, scores, idxs)
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    by_score, order, cls = _class_order(scores, idxs)
-    keep = _greedy(_prepare(boxes, order, cls), iou_threshold)
-    return _in_score_order(order[keep], by_score)
+    return _class_aware(boxes, scores, idxs, iou_threshold, _greedy, -1)
 
 
 def fast_nms(
@@ -108,6 +103,12 @@ def fast_nms(
     Returns:
         int64 indices of the kept boxes, by decreasing score (ties: lower index first).
     """
+    return _class_aware(boxes, scores, idxs, iou_threshold, _fast, top_k)
+
+
+def _class_aware(boxes, scores, idxs, iou_threshold: float, resolve, top_k: int) -> Tensor:
+    """Boxes grouped by class (by decreasing score inside one), at most ``top_k`` per class when
+    ``top_k >= 0``, resolved by ``resolve`` (`_greedy` or `_fast`); kept indices by score."""
     _check(boxes, scores, idxs)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
@@ -118,7 +119,7 @@ def fast_nms(
         order, cls = order[selected], cls[selected]
         if order.shape[0] == 0:
             return order
-    keep = _fast(_prepare(boxes, order, cls), iou_threshold)
+    keep = resolve(_prepare(boxes, order, cls), iou_threshold)
     return _in_score_order(order[keep], by_score)
 
 
