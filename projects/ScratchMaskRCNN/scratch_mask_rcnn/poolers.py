@@ -11,7 +11,7 @@ than laying out the table.
 """
 
 import math
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from detectron2.structures import Boxes
@@ -111,12 +111,16 @@ class ROIPooler(nn.Module):
         self.canonical_box_size = canonical_box_size
         self.canonical_level = canonical_level
 
-    def forward(self, x: List[Tensor], box_lists: BoxList) -> Tensor:
+    def forward(
+        self, x: List[Tensor], box_lists: BoxList, table: Optional[Tensor] = None
+    ) -> Tensor:
         """Pool every box from its level.
 
         Args:
             x: one NCHW feature map per scale (same N and C).
             box_lists: ``N`` per-image ``Boxes`` or ``Tensor[Li, 4]``, in input coordinates.
+            table: ``channels_last_table(x)`` when the caller already has it (the box and mask
+                branches pool from the same maps: one copy of the features serves both).
 
         Returns:
             ``(sum Li, C, PH, PW)`` contiguous, boxes in concatenated order.
@@ -137,8 +141,10 @@ class ROIPooler(nn.Module):
             raise ValueError(f"{len(box_lists)} box lists for a batch of {N} feature maps")
         device = x[0].device
         boxes_per_image = [_box_tensor(b) for b in box_lists]
+        if table is None:
+            table = channels_last_table(x)
         if not boxes_per_image:
-            return pool_bags(channels_last_table(x), None, 0, self.output_size)
+            return pool_bags(table, None, 0, self.output_size)
         boxes = torch.cat(boxes_per_image).to(device)
         R = boxes.shape[0]
         counts = torch.tensor([len(b) for b in boxes_per_image], device=device)
@@ -177,7 +183,7 @@ class ROIPooler(nn.Module):
             self.aligned,
             valid,
         )
-        return pool_bags(channels_last_table(x), bags, R, self.output_size)
+        return pool_bags(table, bags, R, self.output_size)
 
     def extra_repr(self) -> str:
         return (

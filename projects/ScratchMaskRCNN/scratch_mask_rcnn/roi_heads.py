@@ -14,6 +14,7 @@ from .box_head import BoxHead, BoxPredictor, box_inference, box_losses
 from .mask_head import MaskHead, mask_inference, mask_loss
 from .matcher import Matcher
 from .poolers import ROIPooler
+from .roi_align import channels_last_table
 from .sampler import sample_balanced
 
 __all__ = ["ROIHeads"]
@@ -151,28 +152,35 @@ class ROIHeads(nn.Module):
     ):
         """Training: (sampled proposals, losses). Inference: (detections, {})."""
         features = [features[f] for f in self.in_features]
+        # one channels-last copy of the maps, pooled from by both branches
+        table = channels_last_table(features)
         if self.training:
             if targets is None:
                 raise ValueError("ROIHeads needs targets in training")
             proposals = self.label_and_sample_proposals(proposals, targets)
-            losses = self._forward_box(features, proposals)
+            losses = self._forward_box(features, table, proposals)
             if self.mask_on:
-                losses.update(self._forward_mask(features, proposals, targets))
+                losses.update(self._forward_mask(features, table, proposals, targets))
             return proposals, losses
-        detections = self._forward_box(features, proposals)
-        return self.forward_with_given_boxes(features, detections), {}
+        detections = self._forward_box(features, table, proposals)
+        return self.forward_with_given_boxes(features, detections, table), {}
 
-    def forward_with_given_boxes(self, features: List[torch.Tensor], detections: List[Instances]):
+    def forward_with_given_boxes(
+        self,
+        features: List[torch.Tensor],
+        detections: List[Instances],
+        table: Optional[torch.Tensor] = None,
+    ):
         """Masks for given detections (``pred_boxes``, ``pred_classes``); features as a list."""
         if self.mask_on:
             boxes = [d.pred_boxes.tensor for d in detections]
-            logits = self.mask_head(self.mask_pooler(features, boxes))
+            logits = self.mask_head(self.mask_pooler(features, boxes, table))
             mask_inference(logits, detections)
         return detections
 
-    def _forward_box(self, features: List[torch.Tensor], proposals: List[Instances]):
+    def _forward_box(self, features, table, proposals: List[Instances]):
         boxes = [p.proposal_boxes.tensor for p in proposals]
-        x = self.box_head(self.box_pooler(features, boxes))
+        x = self.box_head(self.box_pooler(features, boxes, table))
         logits, deltas = self.box_predictor(x)
         if self.training:
             cat = torch.cat
@@ -199,7 +207,7 @@ class ROIHeads(nn.Module):
             self.fast_nms_top_k,
         )
 
-    def _forward_mask(self, features, proposals: List[Instances], targets: List[Instances]):
+    def _forward_mask(self, features, table, proposals: List[Instances], targets: List[Instances]):
         fg, items = [], []
         for p, gt in zip(proposals, targets):
             inst = p[(p.gt_classes >= 0) & (p.gt_classes != self.num_classes)]
@@ -212,5 +220,5 @@ class ROIHeads(nn.Module):
                     "'segmentation' annotations"
                 )
             items.append((gt.gt_masks, inst.gt_index, inst.proposal_boxes.tensor, inst.gt_classes))
-        logits = self.mask_head(self.mask_pooler(features, fg))
+        logits = self.mask_head(self.mask_pooler(features, fg, table))
         return mask_loss(logits, items, self.cls_agnostic_mask)
