@@ -2,6 +2,7 @@
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.config import CfgNode as CN
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = ["add_maskpyramid_config", "NUM_CLASSES_KEYS", "resolve_num_classes"]
@@ -10,6 +11,7 @@ __all__ = ["add_maskpyramid_config", "NUM_CLASSES_KEYS", "resolve_num_classes"]
 NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": ("MODEL.ROI_HEADS.NUM_CLASSES",),
     "RetinaNet": ("MODEL.RETINANET.NUM_CLASSES",),
+    "MaskPyramid": ("MODEL.MASK_PYRAMID.NUM_CLASSES",),
 }
 
 
@@ -20,6 +22,127 @@ def add_maskpyramid_config(cfg: CfgNode) -> None:
     cfg.MODEL.RETINANET.NUM_CLASSES = -1
     # the same configs run on a CPU machine and on a GPU machine; set it to force either
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    _add_mask_pyramid_keys(cfg)
+
+
+def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
+    """``MODEL.MASK_PYRAMID``: the growing mask-pyramid model (../shared/design/mask_pyramid.md)."""
+    mp = cfg.MODEL.MASK_PYRAMID = CN()
+    # -1: from the training set's thing_classes (resolve_num_classes)
+    mp.NUM_CLASSES = -1
+    # FPN levels the pyramids grow through, coarse to fine; masks are read out on the last one
+    mp.IN_FEATURES = ["p6", "p5", "p4", "p3"]
+    # False: the single-level reference (SOLO-like): every root of the first level predicts its
+    # whole mask directly on the last level with the mask-init head; no growth, no spawning
+    mp.GROWTH = True
+    # iteration from which each level of IN_FEATURES is trained (staged training, coarse levels
+    # first); before it, growth stops at the previous level. [] = every level from the start
+    mp.STAGE_ITERS = []
+
+    # --- targets (prepared by the dataset mapper, once per image) ---
+    # per level of IN_FEATURES: [low, high) of an instance's size sqrt(w * h) of its mask's box,
+    # pixels; ranges may overlap (an instance then has roots on several levels)
+    mp.SIZE_RANGES = [[256, 100000], [128, 256], [64, 128], [0, 64]]
+    # which root pixels are positive for an instance of their level: "center" (within
+    # CENTER_RADIUS cells of the mask's centre of mass and inside its box), "mask" (inside the
+    # mask), "atss" (adaptive: ATSS_TOPK cells nearest the centre on every level, threshold at
+    # mean + std of their quality; ignores SIZE_RANGES)
+    mp.ASSIGN_MODE = "center"
+    mp.CENTER_RADIUS = 1.5
+    mp.ATSS_TOPK = 9
+    # "atss" only: side of the virtual square a cell is compared with, in cells of its level
+    mp.ATSS_SCALE = 4.0
+    # keep only the positive root nearest the centre per instance and level (duplicate control
+    # at the source; the alternative is MIN_KEPT_FRACTION at inference)
+    mp.ONE_POSITIVE_PER_LEVEL = False
+
+    # --- spawning, pruning, caps ---
+    # "peaks" (3x3 local maxima of the root-score map above PEAK_THRESHOLD), "uncovered" (the
+    # log's: pixels no pyramid covers with probability >= LOW_THRESHOLD; non-positive pyramids
+    # become pseudo pyramids holding background), or "both"
+    mp.SPAWN_MODE = "peaks"
+    mp.PEAK_THRESHOLD = 0.05
+    # roots of the first level: "all" (every pixel, capped by score) or "peaks"
+    mp.FIRST_LEVEL_ROOTS = "all"
+    # a fixed root grid [rows, cols] for the first level (e.g. [7, 10]); [] = its pixel grid
+    mp.START_GRID = []
+    # uncovered pixels and pruning: a pyramid survives only where its probability >= this ...
+    mp.LOW_THRESHOLD = 0.2
+    # ... and it is among the TOPK_KEEP most probable pyramids of some such pixel
+    mp.TOPK_KEEP = 3
+    # hard caps per image and level: pyramids (positives first in training, then by score) ...
+    mp.MAX_PYRAMIDS = 100
+    # ... and pseudo pyramids, counted separately so they never push positives out
+    mp.MAX_PSEUDO = 32
+
+    # --- heads ---
+    # channels of the per-pyramid mask heads (their windows are pooled from the FPN level)
+    mp.HEAD_CHANNELS = 64
+    # 3x3 convs of the mask-init head after the position map joins (>= 2 with "concat")
+    mp.INIT_CONVS = 2
+    # 3x3 convs of the mask-grow head
+    mp.GROW_CONVS = 2
+    # side of the square window each pyramid's heads work in, cells (pooled with ROIAlign)
+    mp.WINDOW_SIZE = 16
+    # side of the window a new root's mask-init head sees on levels after the first, in cells
+    # of that level (the first level's roots see the whole image)
+    mp.INIT_WINDOW = 8
+    # a growing pyramid's window: where its upsampled probability > WINDOW_EPS, plus margin cells
+    mp.WINDOW_EPS = 0.05
+    mp.WINDOW_MARGIN = 1
+    # how the position map enters: "concat" (own conv weights, summed with the features' first
+    # conv) or "multiply" (features times the Gaussian)
+    mp.POSITION_MODE = "concat"
+    # radius at half maximum of the Gaussian position map, in cells of the root's level
+    mp.POSITION_RHO = 1.0
+    # extra input channels: 1 = position map, 2 = + root point, 3 = + the coarser level's masks
+    # (coverage of the image by the other pyramids)
+    mp.EXTRA_CHANNELS = 1
+    # "level" (one mask-init and one mask-grow head per level) or "shared" (one across levels)
+    mp.HEAD_SHARING = "level"
+    # per-class mask predictors (the pyramid's class picks the channel)
+    mp.CLASS_SPECIFIC_MASKS = False
+    # U-Net style skip: the grow head also gets the pyramid's hidden features of the coarser level
+    mp.GROW_SKIP = False
+    # 3x3 convs of the dense root-score (class) tower, shared across levels
+    mp.SCORE_CONVS = 2
+    # pyramid score: "root" (class probability at the root) or "maskiou" (times a predicted mask
+    # IoU, mask-scoring style)
+    mp.SCORE_MODE = "root"
+    # mask logits are soft-clamped to +-LOGIT_CLAMP (tanh), keeping sigmoids trainable; 0 = off
+    mp.LOGIT_CLAMP = 12.0
+
+    # --- losses ---
+    # "bce" (default), "bce_dice", "l1" or "l2" (the last two on probabilities)
+    mp.MASK_LOSS = "bce"
+    # per level of IN_FEATURES; [] = all 1
+    mp.LEVEL_LOSS_WEIGHTS = []
+    # weight of the pseudo pyramids' mean mask loss ("uncovered" mode); 0 allowed
+    mp.PSEUDO_WEIGHT = 0.1
+    # extra BCE weight on pixels of instances assigned to finer levels ("punish the drowner")
+    mp.DROWN_WEIGHT = 0.0
+    # weight of the territory penalty: mean probability on others' ground above own ground
+    mp.TERRITORY_WEIGHT = 0.0
+    mp.FOCAL_ALPHA = 0.25
+    mp.FOCAL_GAMMA = 2.0
+    mp.CLASS_LOSS_WEIGHT = 1.0
+    mp.MASKIOU_LOSS_WEIGHT = 1.0
+    # auxiliary per-class semantic segmentation on the last level (YOLACT); 0 = off
+    mp.SEM_SEG_LOSS_WEIGHT = 0.0
+
+    # --- inference ---
+    mp.SCORE_THRESH_TEST = 0.05
+    mp.DETECTIONS_PER_IMAGE = 100
+    mp.MASK_THRESHOLD = 0.5
+    # after priority painting (by score), drop pyramids keeping less of their own mask; 0 = off
+    mp.MIN_KEPT_FRACTION = 0.5
+    # output the painted (disjoint) masks instead of each pyramid's own mask
+    mp.PAINTED_OUTPUT = False
+    # "none", "mask" (greedy mask-IoU NMS), "fast" (YOLACT's Fast NMS on masks) or "matrix"
+    # (SOLOv2's Matrix NMS, Gaussian decay)
+    mp.NMS = "none"
+    mp.NMS_THRESH = 0.5
+    mp.MATRIX_NMS_SIGMA = 2.0
 
 
 def _thing_classes(dataset_name: str):

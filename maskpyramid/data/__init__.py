@@ -4,4 +4,4 @@ from .datasets import (
     register_coco_instances_checked,
     register_fruits_nuts,
 )
-from .mapper import CheckedDatasetMapper, ImageReadError
+from .mapper import CheckedDatasetMapper, ImageReadError, MaskPyramidDatasetMapper

@@ -4,7 +4,7 @@ from typing import Dict
 
 from detectron2.data import DatasetMapper
 
-__all__ = ["ImageReadError", "CheckedDatasetMapper"]
+__all__ = ["ImageReadError", "CheckedDatasetMapper", "MaskPyramidDatasetMapper"]
 
 
 class ImageReadError(OSError):
@@ -28,3 +28,33 @@ class CheckedDatasetMapper(DatasetMapper):
             raise ImageReadError(
                 f"cannot read image id={image_id} file {file_name}: {type(e).__name__}: {e}"
             ) from e
+
+
+class MaskPyramidDatasetMapper(CheckedDatasetMapper):
+    """Training mapper of MaskPyramid: also prepares every level's targets, once per image.
+
+    Adds ``dataset_dict["pyramid_targets"]`` (see ``maskpyramid.modeling.targets``), computed in
+    the data-loader workers, beside the model's forward pass.
+    """
+
+    def __init__(self, cfg, is_train: bool = True):
+        from ..modeling.targets import TargetParams  # data does not import modeling at load
+
+        super().__init__(cfg, is_train=is_train)
+        self.target_params = TargetParams.from_config(cfg)
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        from ..modeling.targets import prepare_pyramid_targets
+
+        out = super().__call__(dataset_dict)
+        if "instances" in out:
+            try:
+                out["pyramid_targets"] = prepare_pyramid_targets(
+                    out["instances"], self.target_params
+                )
+            except Exception as e:
+                raise type(e)(
+                    f"pyramid targets of image id={dataset_dict.get('image_id')} "
+                    f"file {dataset_dict.get('file_name')}: {e}"
+                ) from e
+        return out

@@ -32,7 +32,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.mapper import CheckedDatasetMapper
+from ..data.mapper import CheckedDatasetMapper, MaskPyramidDatasetMapper
 from ..data.sampling import PositionedDataset, ResumableTrainingSampler, SeededMapper
 
 __all__ = ["AtomicCheckpointer", "IterationSeed", "Trainer", "create_ddp_model"]
@@ -154,7 +154,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_mapper(cls, cfg):
-        """The per-image training mapper; meta-architectures with their own targets override it."""
+        """The per-image training mapper; MaskPyramid's also prepares its per-level targets."""
+        if cfg.MODEL.META_ARCHITECTURE == "MaskPyramid":
+            return MaskPyramidDatasetMapper(cfg, is_train=True)
         return CheckedDatasetMapper(cfg, is_train=True)
 
     @classmethod

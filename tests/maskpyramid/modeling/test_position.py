@@ -1,0 +1,24 @@
+"""position.py: the Gaussian is 1 at the root and 1/2 at radius rho, in image coordinates."""
+
+import torch
+
+from maskpyramid.modeling.position import gaussian_map, position_channels, window_cell_centres
+
+
+def test_half_maximum_at_rho():
+    xs = torch.tensor([[10.0, 14.0, 18.0]])
+    ys = torch.tensor([[10.0]])
+    g = gaussian_map(xs, ys, torch.tensor([[10.0, 10.0]]), torch.tensor([4.0]))
+    torch.testing.assert_close(g[0, 0], torch.tensor([1.0, 0.5, 0.0625]))
+
+
+def test_window_centres_and_channels_distinguish_roots():
+    boxes = torch.tensor([[0.0, 0, 64, 64], [0.0, 0, 64, 64]])
+    xs, _ = window_cell_centres(boxes, 4)
+    torch.testing.assert_close(xs[0], torch.tensor([8.0, 24, 40, 56]))
+    ch = position_channels(
+        boxes, 4, torch.tensor([[8.0, 8.0], [56.0, 56.0]]), torch.tensor([16, 16]), 1.0
+    )
+    assert ch.shape == (2, 2, 4, 4)
+    assert ch[0, 0, 0, 0] == 1 and ch[1, 0, 3, 3] == 1 and ch[0, 0, 3, 3] < 0.01
+    assert ch[0, 1, 0, 1] < ch[0, 0, 0, 1]  # the root point is sharper than the position map
