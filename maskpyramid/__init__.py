@@ -9,4 +9,6 @@ from .data import register_all  # noqa: E402
 
 register_all()
 
+from . import modeling  # noqa: E402  (registers META_ARCHITECTURE "MaskPyramid")
+
 __version__ = "0.1.0"

@@ -1,0 +1,252 @@
+"""The growth loop's tensor operations: pyramids, resampling, windows, spawning, pruning, caps.
+
+Pure tensor code: it knows nothing of losses, datasets or heads (``meta_arch.py`` wires them).
+The pyramids of all images of a batch live in one flat set (``Pyramids``) with a ``batch`` index,
+so every operation here is batched over images and pyramids; the only loops are over levels.
+
+Coordinates: a level of stride ``s`` has cells centred at ``(j + 0.5) s, (i + 0.5) s`` in input
+pixels; every resampling goes through those centres (``align_corners=False`` semantics).
+"""
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Pyramids",
+    "valid_cells",
+    "resample_to_grid",
+    "paste_windows",
+    "support_boxes",
+    "centred_boxes",
+    "image_boxes",
+    "local_peaks",
+    "coverage",
+    "rank_within_group",
+    "topk_survivors",
+    "cap_per_image",
+    "soft_clamp",
+]
+
+
+@dataclass
+class Pyramids:
+    """A set of mask pyramids (candidate instances) of a batch, at the current level.
+
+    Every field is a tensor whose first dimension is the pyramid.
+    """
+
+    batch: torch.Tensor  # (N,) image index in the batch
+    roots: torch.Tensor  # (N, 2) root xy, input pixels
+    root_level: torch.Tensor  # (N,) index into IN_FEATURES of the level the root was spawned on
+    root_stride: torch.Tensor  # (N,) cell size of the root's grid, pixels (position map radius)
+    logits: torch.Tensor  # (N, H, W) mask logits on the current level's grid
+    cls_logits: torch.Tensor  # (N, C) class logits at the root
+    scores: torch.Tensor  # (N,) score (root response, or times predicted mask IoU)
+    classes: torch.Tensor  # (N,) class that picks class-specific mask channels
+    target: torch.Tensor  # (N,) index of its instance in the batch (training), -1 for none
+    pseudo: torch.Tensor  # (N,) bool: a pseudo pyramid (holds background, "uncovered" mode)
+    territory: torch.Tensor  # (N, H, W) bool: root cell dilated by one cell, carried down
+    hidden: Optional[torch.Tensor] = None  # (N, D, R, R) last head features (GROW_SKIP)
+    windows: Optional[torch.Tensor] = None  # (N, 4) XYXY window of the last head, pixels
+    iou_logits: Optional[torch.Tensor] = None  # (N,) predicted mask IoU logit ("maskiou")
+
+    def __len__(self) -> int:
+        return self.batch.shape[0]
+
+    def __getitem__(self, idx) -> "Pyramids":
+        return Pyramids(
+            **{
+                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+                for f in fields(self)
+            }
+        )
+
+    @staticmethod
+    def cat(items: Sequence["Pyramids"]) -> "Pyramids":
+        items = [p for p in items if p is not None]
+        out = {}
+        for f in fields(Pyramids):
+            values = [getattr(p, f.name) for p in items]
+            if any(v is None for v in values):
+                out[f.name] = None
+                continue
+            try:
+                out[f.name] = torch.cat(values, 0)
+            except RuntimeError as e:
+                raise RuntimeError(f"{f.name}: {[tuple(v.shape) for v in values]}") from e
+        return Pyramids(**out)
+
+
+def soft_clamp(logits: torch.Tensor, limit: float) -> torch.Tensor:
+    """``limit * tanh(x / limit)``: keeps logits in a trainable range (0 = no clamp)."""
+    return limit * torch.tanh(logits / limit) if limit > 0 else logits
+
+
+def valid_cells(image_sizes, stride: float, height: int, width: int, device) -> torch.Tensor:
+    """(B, H, W) bool: cells whose area overlaps the image (the rest is batch padding)."""
+    sizes = torch.as_tensor(image_sizes, device=device, dtype=torch.float32).view(-1, 2)
+    rows = torch.arange(height, device=device)[None, :] * stride < sizes[:, :1]
+    cols = torch.arange(width, device=device)[None, :] * stride < sizes[:, 1:]
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def _grid_coords(height, width, stride, device, dtype):
+    ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * stride
+    xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * stride
+    return ys, xs
+
+
+def resample_to_grid(
+    maps: torch.Tensor, src_stride: float, size: Tuple[int, int], dst_stride: float
+) -> torch.Tensor:
+    """Bilinear resampling of (N, h, w) maps of one level onto another level's (H, W) grid.
+
+    Cells correspond by centre, whatever the two grids' sizes (FPN levels of padded images need
+    not be exact multiples of each other).
+    """
+    n, h, w = maps.shape
+    if n == 0:
+        return maps.new_zeros(0, *size)
+    ys, xs = _grid_coords(size[0], size[1], dst_stride, maps.device, maps.dtype)
+    gx = 2 * xs / (src_stride * w) - 1
+    gy = 2 * ys / (src_stride * h) - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)
+    grid = grid[None].expand(n, -1, -1, -1)
+    return F.grid_sample(maps[:, None], grid, align_corners=False, padding_mode="border")[:, 0]
+
+
+def paste_windows(
+    windows: torch.Tensor,
+    boxes: torch.Tensor,
+    size: Tuple[int, int],
+    stride: float,
+    background: torch.Tensor,
+) -> torch.Tensor:
+    """Paste (N, R, R) window maps over ``boxes`` (N, 4) into (N, H, W) maps of a level.
+
+    Cells whose centre falls inside a pyramid's window take the window's bilinear value; the
+    others keep ``background`` (N, H, W) (or a scalar).
+    """
+    n = windows.shape[0]
+    height, width = size
+    if n == 0:
+        return windows.new_zeros(0, height, width)
+    ys, xs = _grid_coords(height, width, stride, windows.device, windows.dtype)
+    wx = boxes[:, 2:3] - boxes[:, 0:1]
+    wy = boxes[:, 3:4] - boxes[:, 1:2]
+    gx = 2 * (xs[None] - boxes[:, 0:1]) / wx.clamp(min=1e-6) - 1  # (N, W)
+    gy = 2 * (ys[None] - boxes[:, 1:2]) / wy.clamp(min=1e-6) - 1  # (N, H)
+    grid = torch.stack(
+        [gx[:, None, :].expand(n, height, width), gy[:, :, None].expand(n, height, width)], -1
+    )
+    sampled = F.grid_sample(windows[:, None], grid, align_corners=False, padding_mode="border")
+    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
+    if not torch.is_tensor(background):
+        background = torch.full_like(sampled[:, 0], float(background))
+    return torch.where(inside, sampled[:, 0], background)
+
+
+def image_boxes(image_sizes, index: torch.Tensor) -> torch.Tensor:
+    """(N, 4) boxes of the whole image of each pyramid (``index`` = its image in the batch)."""
+    sizes = torch.as_tensor(image_sizes, device=index.device, dtype=torch.float32).view(-1, 2)
+    hw = sizes[index]
+    zeros = torch.zeros_like(hw[:, 0])
+    return torch.stack([zeros, zeros, hw[:, 1], hw[:, 0]], 1)
+
+
+def centred_boxes(centres: torch.Tensor, side: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Square boxes of ``side`` (N,) around ``centres`` (N, 2), shifted inside ``limits`` (N, 4)
+    (when the image is smaller than the side, the box is the image)."""
+    half = side / 2
+    x0 = torch.minimum(torch.maximum(centres[:, 0] - half, limits[:, 0]), limits[:, 2] - side)
+    y0 = torch.minimum(torch.maximum(centres[:, 1] - half, limits[:, 1]), limits[:, 3] - side)
+    x0, y0 = torch.maximum(x0, limits[:, 0]), torch.maximum(y0, limits[:, 1])
+    x1 = torch.minimum(x0 + side, limits[:, 2])
+    y1 = torch.minimum(y0 + side, limits[:, 3])
+    return torch.stack([x0, y0, x1, y1], 1)
+
+
+def support_boxes(
+    probs: torch.Tensor, stride: float, eps: float, margin: int, limits: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Windows around where each (N, H, W) probability map exceeds ``eps``, plus ``margin`` cells,
+    clipped to ``limits`` (N, 4). Returns (boxes (N, 4) in pixels, nonempty (N,) bool)."""
+    on = probs > eps
+    rows, cols = on.any(2), on.any(1)
+    height, width = rows.shape[1], cols.shape[1]
+    y0 = rows.float().argmax(1)
+    y1 = height - 1 - rows.flip(1).float().argmax(1)
+    x0 = cols.float().argmax(1)
+    x1 = width - 1 - cols.flip(1).float().argmax(1)
+    boxes = torch.stack([x0 - margin, y0 - margin, x1 + 1 + margin, y1 + 1 + margin], 1)
+    boxes = boxes.to(probs.dtype) * stride
+    boxes = torch.stack(
+        [
+            torch.maximum(boxes[:, 0], limits[:, 0]),
+            torch.maximum(boxes[:, 1], limits[:, 1]),
+            torch.minimum(boxes[:, 2], limits[:, 2]),
+            torch.minimum(boxes[:, 3], limits[:, 3]),
+        ],
+        1,
+    )
+    return boxes, rows.any(1)
+
+
+def local_peaks(score_map: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, H, W) bool: 3x3 local maxima of ``score_map`` above ``threshold``."""
+    pooled = F.max_pool2d(score_map[:, None], 3, stride=1, padding=1)[:, 0]
+    return (score_map >= pooled) & (score_map > threshold)
+
+
+def coverage(probs: torch.Tensor, batch: torch.Tensor, num_images: int) -> torch.Tensor:
+    """(B, H, W): per image and pixel, the highest probability of any of its pyramids."""
+    n = probs.shape[0]
+    out = probs.new_zeros(num_images, *probs.shape[1:])
+    if n:
+        flat = probs.reshape(n, -1)
+        index = batch[:, None].expand_as(flat)
+        out = out.view(num_images, -1).scatter_reduce(0, index, flat, "amax").view_as(out)
+    return out
+
+
+def rank_within_group(group: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Rank of each element among those of its group, by ``key`` descending (0 = highest)."""
+    n = group.shape[0]
+    if n == 0:
+        return group.clone()
+    order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    sorted_group = group[order]
+    counts = torch.bincount(sorted_group)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=group.device) - starts[sorted_group]
+    return rank
+
+
+def topk_survivors(
+    probs: torch.Tensor, batch: torch.Tensor, num_images: int, low: float, k: int
+) -> torch.Tensor:
+    """(N,) bool: pyramids that are among the ``k`` most probable of their image at some pixel
+    where their probability is at least ``low`` (the others are pruned)."""
+    n = probs.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=probs.device)
+    slot = rank_within_group(batch, torch.zeros_like(probs[:, 0, 0]))
+    n_max = int(slot.max()) + 1
+    padded = probs.new_full((num_images, n_max) + tuple(probs.shape[1:]), -1.0)
+    padded[batch, slot] = torch.where(probs >= low, probs, torch.full_like(probs, -1.0))
+    values, index = padded.topk(min(k, n_max), dim=1)
+    won = values >= low
+    hit = torch.zeros(num_images, n_max, dtype=torch.bool, device=probs.device)
+    images = torch.arange(num_images, device=probs.device).view(-1, 1, 1, 1).expand_as(index)
+    hit[images[won], index[won]] = True
+    return hit[batch, slot]
+
+
+def cap_per_image(batch: torch.Tensor, priority: torch.Tensor, cap: int) -> torch.Tensor:
+    """(N,) bool: the ``cap`` highest-``priority`` pyramids of each image."""
+    return rank_within_group(batch, priority) < cap

@@ -1,0 +1,131 @@
+"""MaskPyramid's heads: the dense root-score head, and the per-pyramid mask-init and mask-grow heads.
+
+The per-pyramid heads run on windows (``WINDOW_SIZE`` cells square) pooled from the FPN level
+with detectron2's ``ROIAlign``. Their first convolution is split: the part that sees the
+features (``feature_conv``) runs once per image on the whole level and is pooled; the part that
+sees the pyramid's own channels (position map, root point, coverage, upsampled mask) runs per
+window. With concatenation this equals one convolution over ``[features, extras]``, and the
+non-linear layers after the join tell the pyramids of an image apart.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from detectron2.layers import Conv2d
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["ScoreHead", "PyramidMaskHead", "SemSegHead"]
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 2 channels (a 1x1 level, e.g. p6 of a small
+    image, has a single value per channel: one-channel groups cannot be normalised)."""
+    groups = 32
+    while groups > 1 and (channels % groups or channels // groups < 2):
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
+class ScoreHead(nn.Module):
+    """Dense root-score head, shared across levels (FCOS-style): class logits at every pixel of
+    every level, and optionally a mask-IoU logit ("maskiou" scoring)."""
+
+    def __init__(self, in_channels: int, num_classes: int, num_convs: int, maskiou: bool):
+        super().__init__()
+        tower = []
+        for _ in range(num_convs):
+            tower += [
+                Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
+                _group_norm(in_channels),
+                nn.ReLU(inplace=True),
+            ]
+        self.tower = nn.Sequential(*tower)
+        self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
+        self.maskiou = nn.Conv2d(in_channels, 1, 3, padding=1) if maskiou else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+        # focal-loss prior: every pixel starts at probability 0.01
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - 0.01) / 0.01))
+
+    def forward(self, features: List[torch.Tensor]):
+        cls, iou = [], []
+        for x in features:
+            t = self.tower(x)
+            cls.append(self.cls_logits(t))
+            iou.append(self.maskiou(t)[:, 0] if self.maskiou is not None else None)
+        return cls, iou
+
+
+class PyramidMaskHead(nn.Module):
+    """Mask head of one level (init: a new root's mask; grow: refine an upsampled mask).
+
+    ``feature_conv`` is applied to the level once per image; ``forward`` takes its pooled
+    windows plus the pyramids' extra channels and returns (logits (N, K, R, R), hidden).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_convs: int,
+        num_extra: int,
+        position_mode: str,
+        out_channels: int,
+        skip: bool,
+    ):
+        super().__init__()
+        if position_mode not in ("concat", "multiply"):
+            raise ValueError(
+                f"MODEL.MASK_PYRAMID.POSITION_MODE must be concat or multiply, got {position_mode}"
+            )
+        self.position_mode = position_mode
+        self.feature_conv = Conv2d(in_channels, channels, 3, padding=1)
+        # "multiply": the Gaussian (extra channel 0) multiplies the features; the rest join by conv
+        n_conv_extra = num_extra if position_mode == "concat" else num_extra - 1
+        self.extra_conv = Conv2d(n_conv_extra, channels, 3, padding=1) if n_conv_extra else None
+        self.skip_conv = Conv2d(channels, channels, 1) if skip else None
+        self.convs = nn.ModuleList(
+            Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs - 1)
+        )
+        self.predictor = Conv2d(channels, out_channels, 1)
+        for m in [self.feature_conv, self.extra_conv, self.skip_conv, *self.convs]:
+            if m is not None:
+                weight_init.c2_msra_fill(m)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.constant_(self.predictor.bias, 0)
+
+    def forward(
+        self, pooled: torch.Tensor, extras: torch.Tensor, skip: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.position_mode == "multiply":
+            x = pooled * extras[:, :1]
+            extras = extras[:, 1:]
+        else:
+            x = pooled
+        if self.extra_conv is not None:
+            x = x + self.extra_conv(extras)
+        if self.skip_conv is not None and skip is not None:
+            x = x + self.skip_conv(skip)
+        x = F.relu(x)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.predictor(x), x
+
+
+class SemSegHead(nn.Module):
+    """Auxiliary per-class semantic segmentation logits on the last level (YOLACT's trick)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.predictor = nn.Conv2d(in_channels, num_classes, 1)
+        nn.init.normal_(self.predictor.weight, std=0.01)
+        nn.init.constant_(self.predictor.bias, -math.log((1 - 0.01) / 0.01))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(x)

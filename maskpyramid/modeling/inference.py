@@ -1,0 +1,177 @@
+"""From grown pyramids to ``Instances``: priority painting, duplicate removal, optional NMS.
+
+Pyramids are ordered by score; a higher-scoring pyramid has priority over the pixels it claims.
+A pyramid keeping less than ``MIN_KEPT_FRACTION`` of its own mask after painting is a duplicate
+(several roots of one instance predict the same mask) and is dropped. Boxes are the masks'
+bounding boxes: the model regresses none.
+"""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import BitMasks, Boxes, Instances
+
+__all__ = [
+    "NMS_MODES",
+    "paint",
+    "mask_iou_matrix",
+    "mask_nms",
+    "fast_mask_nms",
+    "matrix_nms",
+    "logits_to_image",
+    "pyramids_to_instances",
+]
+
+NMS_MODES = ("none", "mask", "fast", "matrix")
+
+
+def paint(masks: torch.Tensor, min_kept: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Priority painting of (N, H, W) bool masks sorted by score, highest first.
+
+    Returns (keep (N,) bool, painted (N, H, W) bool): a pyramid is kept when it has pixels and
+    keeps at least ``min_kept`` of them once every higher-scoring kept pyramid has painted.
+    Two passes, each one cumulative sum over the pyramids (no loop over them): the first judges
+    against every higher pyramid, the second repaints with the kept ones only.
+    """
+    area = masks.flatten(1).sum(1)
+    m = masks.to(torch.int32)
+    above = torch.cumsum(m, 0) - m > 0
+    kept_px = (masks & ~above).flatten(1).sum(1)
+    keep = (area > 0) & (kept_px >= min_kept * area)
+    mk = m * keep[:, None, None]
+    above = torch.cumsum(mk, 0) - mk > 0
+    painted = masks & ~above & keep[:, None, None]
+    return keep, painted
+
+
+def mask_iou_matrix(masks: torch.Tensor) -> torch.Tensor:
+    """(N, N) IoU of (N, H, W) bool masks."""
+    flat = masks.flatten(1).float()
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    return inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
+
+
+def mask_nms(masks: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy mask NMS for masks sorted by score: (N,) bool keep, exactly greedy's result.
+
+    Computed as the fixed point of "keep i unless a kept higher-scoring mask overlaps it more
+    than ``threshold``": matrix steps, at most N of them (a few in practice), no per-mask loop.
+    """
+    n = masks.shape[0]
+    over = torch.triu(mask_iou_matrix(masks) > threshold, diagonal=1)
+    keep = torch.ones(n, dtype=torch.bool, device=masks.device)
+    for _ in range(n):
+        new = ~(over & keep[:, None]).any(0)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
+def fast_mask_nms(masks: torch.Tensor, threshold: float) -> torch.Tensor:
+    """YOLACT's Fast NMS on masks sorted by score: drop a mask overlapping any higher one."""
+    iou = torch.triu(mask_iou_matrix(masks), diagonal=1)
+    return iou.max(0).values <= threshold if masks.shape[0] else masks.new_zeros(0).bool()
+
+
+def matrix_nms(masks: torch.Tensor, scores: torch.Tensor, sigma: float) -> torch.Tensor:
+    """SOLOv2's Matrix NMS (Gaussian kernel) for masks sorted by score: decayed scores (N,)."""
+    n = masks.shape[0]
+    if n == 0:
+        return scores
+    iou = torch.triu(mask_iou_matrix(masks), diagonal=1)
+    compensate = iou.max(0).values.expand(n, n).T  # (i, j): max IoU of i with those above it
+    decay = torch.exp(-sigma * (iou**2 - compensate**2)).min(0).values
+    return scores * decay
+
+
+def logits_to_image(
+    logits: torch.Tensor, stride: float, output_size: Tuple[int, int], input_size: Tuple[int, int]
+) -> torch.Tensor:
+    """Resample (N, H, W) level logits to an (N, h_out, w_out) image of ``output_size``, for an
+    input image of ``input_size`` (the network's, before resizing back)."""
+    n, h, w = logits.shape
+    if n == 0:
+        return logits.new_zeros(0, *output_size)
+    sy = input_size[0] / output_size[0]
+    sx = input_size[1] / output_size[1]
+    dev, dt = logits.device, logits.dtype
+    ys = (torch.arange(output_size[0], device=dev, dtype=dt) + 0.5) * sy
+    xs = (torch.arange(output_size[1], device=dev, dtype=dt) + 0.5) * sx
+    gy = 2 * ys / (stride * h) - 1
+    gx = 2 * xs / (stride * w) - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None].expand(n, -1, -1, -1)
+    return F.grid_sample(logits[:, None], grid, align_corners=False, padding_mode="border")[:, 0]
+
+
+def pyramids_to_instances(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    stride: float,
+    input_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    score_thresh: float,
+    mask_thresh: float,
+    min_kept: float,
+    nms: str,
+    nms_thresh: float,
+    matrix_sigma: float,
+    max_detections: int,
+    painted_output: bool,
+) -> Instances:
+    """The final pyramids of one image, (N, H, W) logits on the last level -> ``Instances``
+    of ``output_size`` with pred_masks, pred_boxes (from the masks), scores, pred_classes."""
+    if nms not in NMS_MODES:
+        raise ValueError(f"MODEL.MASK_PYRAMID.NMS must be one of {NMS_MODES}, got {nms}")
+    keep = scores > score_thresh
+    logits, scores, classes = logits[keep], scores[keep], classes[keep]
+    order = torch.argsort(scores, descending=True, stable=True)
+    logits, scores, classes = logits[order], scores[order], classes[order]
+    # decisions on the level's grid, inside the image
+    hv = -(-input_size[0] // int(stride))
+    wv = -(-input_size[1] // int(stride))
+    binary = logits[:, :hv, :wv] > torch.logit(torch.tensor(mask_thresh)).item()
+    if nms == "matrix":
+        scores = matrix_nms(binary, scores, matrix_sigma)
+        keep = scores > score_thresh
+    elif nms == "mask":
+        keep = mask_nms(binary, nms_thresh)
+    elif nms == "fast":
+        keep = fast_mask_nms(binary, nms_thresh)
+    else:
+        keep = torch.ones_like(scores, dtype=torch.bool)
+    if min_kept > 0 and len(scores):
+        sub = keep.nonzero()[:, 0]
+        kept, _ = paint(binary[sub], min_kept)
+        keep = torch.zeros_like(keep)
+        keep[sub[kept]] = True
+    logits, scores, classes = logits[keep], scores[keep], classes[keep]
+    if nms == "matrix":  # decayed scores change the order
+        order = torch.argsort(scores, descending=True, stable=True)
+        logits, scores, classes = logits[order], scores[order], classes[order]
+    logits, scores, classes = (
+        logits[:max_detections],
+        scores[:max_detections],
+        classes[:max_detections],
+    )
+    masks = (
+        logits_to_image(logits, stride, output_size, input_size)
+        > torch.logit(torch.tensor(mask_thresh)).item()
+    )
+    if painted_output and len(masks):
+        _, masks = paint(masks, 0.0)
+    nonempty = masks.flatten(1).any(1)
+    masks, scores, classes = masks[nonempty], scores[nonempty], classes[nonempty]
+    result = Instances(output_size)
+    result.pred_masks = masks
+    result.pred_boxes = (
+        BitMasks(masks).get_bounding_boxes().to(masks.device)
+        if len(masks)
+        else Boxes(torch.zeros(0, 4, device=masks.device))
+    )
+    result.scores = scores
+    result.pred_classes = classes
+    return result

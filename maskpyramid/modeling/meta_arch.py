@@ -1,0 +1,709 @@
+"""MaskPyramid: backbone -> growth, coarse to fine -> pyramids -> painting -> ``Instances``.
+
+Reading order: ``forward`` -> ``grow`` (one ``_level`` per FPN level: grow the pyramids that
+survive, spawn new roots, give them masks, prune, cap) -> ``losses`` or ``inference``.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ROIAlign
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from . import growth as G
+from .heads import PyramidMaskHead, ScoreHead, SemSegHead
+from .inference import NMS_MODES, pyramids_to_instances
+from .losses import (
+    MASK_LOSSES,
+    dense_class_loss,
+    dice_loss,
+    mask_iou,
+    per_pyramid_mask_loss,
+    territory_penalty,
+)
+from .position import position_channels
+from .targets import feature_strides
+
+__all__ = ["MaskPyramid", "LevelRecord"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LevelRecord:
+    """What one level of growth did (for losses, the debugging view and the counters)."""
+
+    name: str  # FPN level the masks live on
+    level: int  # index into IN_FEATURES (of the mask grid)
+    stride: int
+    pyramids: G.Pyramids  # the survivors, after pruning and caps
+    spawned: torch.Tensor  # (S, 3) batch, row, col of the roots spawned here
+    uncovered: Optional[torch.Tensor]  # (B, H, W) bool, before spawning ("uncovered" modes)
+    num_pruned: torch.Tensor  # (B,) pyramids pruned or capped here, per image
+    pruned_masks: Optional[torch.Tensor] = None  # (P, H, W) logits, when record_pruned is set
+    pruned_batch: Optional[torch.Tensor] = None
+
+
+@META_ARCH_REGISTRY.register()
+class MaskPyramid(nn.Module):
+    """Anchor-free, box-free instance segmentation by growing mask pyramids on an FPN."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        in_features: List[str],
+        num_classes: int,
+        pixel_mean,
+        pixel_std,
+        mp,  # the MODEL.MASK_PYRAMID node (every knob is read from it once, here)
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.in_features = list(in_features)
+        shapes = backbone.output_shape()
+        for f in self.in_features:
+            if f not in shapes:
+                raise ValueError(
+                    f"MODEL.MASK_PYRAMID.IN_FEATURES: '{f}' is not a backbone output "
+                    f"({sorted(shapes)})"
+                )
+        self.strides = feature_strides(self.in_features)
+        for f, s in zip(self.in_features, self.strides):
+            if shapes[f].stride != s:
+                raise ValueError(f"backbone level {f} has stride {shapes[f].stride}, not {s}")
+        channels = shapes[self.in_features[0]].channels
+        self.num_classes = num_classes
+        self.growth = bool(mp.GROWTH)
+        n_levels = len(self.in_features)
+        self.stage_iters = list(mp.STAGE_ITERS) or [0] * n_levels
+        self.level_weights = list(mp.LEVEL_LOSS_WEIGHTS) or [1.0] * n_levels
+        for key, value in (
+            ("STAGE_ITERS", self.stage_iters),
+            ("LEVEL_LOSS_WEIGHTS", self.level_weights),
+        ):
+            if len(value) != n_levels:
+                raise ValueError(
+                    f"MODEL.MASK_PYRAMID.{key} needs one value per level of IN_FEATURES "
+                    f"({n_levels}), got {value}"
+                )
+        choices = {
+            "SPAWN_MODE": ("peaks", "uncovered", "both"),
+            "FIRST_LEVEL_ROOTS": ("all", "peaks"),
+            "HEAD_SHARING": ("level", "shared"),
+            "SCORE_MODE": ("root", "maskiou"),
+            "MASK_LOSS": MASK_LOSSES,
+            "NMS": NMS_MODES,
+        }
+        for key, allowed in choices.items():
+            if mp[key] not in allowed:
+                raise ValueError(
+                    f"MODEL.MASK_PYRAMID.{key} must be one of {allowed}, got {mp[key]}"
+                )
+        if mp.EXTRA_CHANNELS not in (1, 2, 3):
+            raise ValueError(
+                f"MODEL.MASK_PYRAMID.EXTRA_CHANNELS must be 1, 2 or 3, got {mp.EXTRA_CHANNELS}"
+            )
+        if mp.POSITION_MODE == "concat" and mp.INIT_CONVS < 2:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.INIT_CONVS must be >= 2 with POSITION_MODE concat: with one "
+                "layer after the position channel joins, every pyramid gets the same mask"
+            )
+        if len(mp.START_GRID) not in (0, 2):
+            raise ValueError(
+                f"MODEL.MASK_PYRAMID.START_GRID must be [] or [rows, cols], got {mp.START_GRID}"
+            )
+        self.mp = mp
+        self.spawn_mode = mp.SPAWN_MODE
+        self.window = int(mp.WINDOW_SIZE)
+        self.extra = int(mp.EXTRA_CHANNELS)
+
+        self.score_head = ScoreHead(
+            channels, num_classes, mp.SCORE_CONVS, mp.SCORE_MODE == "maskiou"
+        )
+        out_ch = num_classes if mp.CLASS_SPECIFIC_MASKS else 1
+        n_heads = 1 if mp.HEAD_SHARING == "shared" else n_levels
+
+        def head(convs, extra):
+            return PyramidMaskHead(
+                channels, mp.HEAD_CHANNELS, convs, extra, mp.POSITION_MODE, out_ch, mp.GROW_SKIP
+            )
+
+        self.init_heads = nn.ModuleList(head(mp.INIT_CONVS, self.extra) for _ in range(n_heads))
+        # the grow head also sees the pyramid's upsampled mask (probability)
+        self.grow_heads = nn.ModuleList(head(mp.GROW_CONVS, self.extra + 1) for _ in range(n_heads))
+        self.sem_seg_head = (
+            SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
+        )
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.record_pruned = False  # the debugging view sets it to keep pruned masks
+
+    @classmethod
+    def from_config(cls, cfg):
+        mp = cfg.MODEL.MASK_PYRAMID
+        if mp.NUM_CLASSES <= 0:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.NUM_CLASSES must be set (or -1, resolved from the datasets "
+                "by maskpyramid.config.resolve_num_classes before building)"
+            )
+        return {
+            "backbone": build_backbone(cfg),
+            "in_features": mp.IN_FEATURES,
+            "num_classes": mp.NUM_CLASSES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "mp": mp.clone(),
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        self._image_sizes = images.image_sizes
+        features = self.backbone(images.tensor)
+        feats = [features[f] for f in self.in_features]
+        self._check_finite(feats, batched_inputs)
+        n_on = self._levels_on() if self.training else len(feats)
+        score_levels = feats[:n_on] if self.growth else feats[:1]
+        cls_maps, iou_maps = self.score_head(score_levels)
+        if not self.training:
+            records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on)
+            return self.inference(records[-1], batched_inputs, images.image_sizes)
+        if "pyramid_targets" not in batched_inputs[0]:
+            raise ValueError(
+                "MaskPyramid training inputs lack 'pyramid_targets': train with "
+                "maskpyramid.data.MaskPyramidDatasetMapper (Trainer.build_train_mapper)"
+            )
+        targets = self._batch_targets(batched_inputs, feats, images.image_sizes)
+        records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on, targets)
+        losses = self.losses(records, cls_maps, targets, feats, images.image_sizes)
+        self._log_counts(records)
+        return losses
+
+    def preprocess_image(self, batched_inputs):
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def _check_finite(self, feats, batched_inputs):
+        for name, f in zip(self.in_features, feats):
+            if not torch.isfinite(f).all():
+                bad = (~torch.isfinite(f)).flatten(1).any(1).nonzero()[:, 0].tolist()
+                ids = [
+                    batched_inputs[i].get("image_id", batched_inputs[i].get("file_name"))
+                    for i in bad
+                ]
+                raise FloatingPointError(
+                    f"MaskPyramid: non-finite values in FPN feature '{name}' of image ids {ids} "
+                    "(a NaN/Inf input image, or diverged weights: lower SOLVER.BASE_LR)"
+                )
+
+    def _levels_on(self) -> int:
+        """Levels trained at this iteration (MODEL.MASK_PYRAMID.STAGE_ITERS)."""
+        try:
+            it = get_event_storage().iter
+        except AssertionError:  # no EventStorage: not inside a trainer
+            it = 1 << 62
+        return max(1, sum(1 for s in self.stage_iters if it >= s))
+
+    # ------------------------------------------------------------------ targets
+    def _batch_targets(self, batched_inputs, feats, image_sizes):
+        """Pad the mapper's per-image targets to the batch's feature maps; index instances
+        across the batch."""
+        dev = self.device
+        offsets, classes, levels, batch = [], [], [], []
+        start = 0
+        for b, x in enumerate(batched_inputs):
+            t, inst = x["pyramid_targets"], x["instances"]
+            n = len(inst)
+            offsets.append(start)
+            classes.append(inst.gt_classes.to(dev))
+            levels.append(t["levels"].to(dev))
+            batch.append(torch.full((n,), b, dtype=torch.long, device=dev))
+            start += n
+        out = {
+            "classes": torch.cat(classes),
+            "levels": torch.cat(levels),
+            "batch": torch.cat(batch),
+            "positives": [],
+            "masks": [],
+        }
+        for lvl, (f, s) in enumerate(zip(feats, self.strides)):
+            B, _, H, W = f.shape
+            pos = torch.full((B, H, W), -2, dtype=torch.long, device=dev)
+            masks = torch.zeros(start, H, W, device=dev)
+            for b, x in enumerate(batched_inputs):
+                t = x["pyramid_targets"]
+                p = t["positives"][lvl].to(dev)
+                h, w = p.shape
+                pos[b, :h, :w] = torch.where(p >= 0, p + offsets[b], p)
+                m = t["masks"][lvl]
+                masks[offsets[b] : offsets[b] + m.shape[0], :h, :w] = m.to(dev).float()
+            out["positives"].append(pos)
+            out["masks"].append(masks)
+        return out
+
+    # ------------------------------------------------------------------ growth
+    def _head(self, heads, level):
+        return heads[0] if len(heads) == 1 else heads[level]
+
+    def grow(self, feats, cls_maps, iou_maps, image_sizes, n_on, targets=None) -> List[LevelRecord]:
+        """Run the growth loop over the first ``n_on`` levels; one record per level."""
+        B = feats[0].shape[0]
+        sizes = torch.as_tensor(image_sizes, device=self.device, dtype=torch.float32).view(-1, 2)
+        records: List[LevelRecord] = []
+        pyr: Optional[G.Pyramids] = None
+        levels = range(n_on) if self.growth else [0]
+        for lvl in levels:
+            mask_lvl = lvl if self.growth else len(feats) - 1
+            f = feats[mask_lvl]
+            stride = self.strides[mask_lvl]
+            H, W = f.shape[-2:]
+            valid = G.valid_cells(image_sizes, stride, H, W, f.device)
+            init_head = self._head(self.init_heads, mask_lvl)
+            base_init = init_head.feature_conv(f)
+            uncovered = None
+            if pyr is not None and not len(pyr):
+                pyr = None  # every pyramid pruned: finer levels start afresh
+            if pyr is not None:
+                grow_head = self._head(self.grow_heads, mask_lvl)
+                prev_stride = self.strides[records[-1].level]
+                pyr = self._grow_existing(
+                    pyr, f, grow_head, prev_stride, stride, (H, W), valid, sizes
+                )
+            if lvl > 0 and self.spawn_mode in ("uncovered", "both"):
+                if pyr is None:
+                    uncovered = valid.clone()
+                else:
+                    cov = G.coverage(pyr.logits.sigmoid(), pyr.batch, B)
+                    uncovered = (cov < self.mp.LOW_THRESHOLD) & valid
+            new, spawned = self._spawn(
+                lvl,
+                mask_lvl,
+                f,
+                base_init,
+                init_head,
+                cls_maps,
+                iou_maps,
+                valid,
+                uncovered,
+                pyr,
+                sizes,
+                targets,
+            )
+            pyr = G.Pyramids.cat([pyr, new]) if pyr is not None else new
+            pyr, pruned, pruned_idx = self._prune(pyr, valid, B)
+            records.append(
+                LevelRecord(
+                    name=self.in_features[mask_lvl],
+                    level=mask_lvl,
+                    stride=stride,
+                    pyramids=pyr,
+                    spawned=spawned,
+                    uncovered=uncovered,
+                    num_pruned=pruned,
+                    pruned_masks=pruned_idx[0] if pruned_idx else None,
+                    pruned_batch=pruned_idx[1] if pruned_idx else None,
+                )
+            )
+        return records
+
+    def _windows(self, base, boxes, batch, stride):
+        rois = torch.cat([batch[:, None].to(boxes.dtype), boxes], 1)
+        return ROIAlign((self.window, self.window), 1.0 / stride, 0, aligned=True)(base, rois)
+
+    def _extras(self, boxes, pyr_roots, pyr_root_stride, cov, batch, stride):
+        pos = position_channels(
+            boxes, self.window, pyr_roots, pyr_root_stride, self.mp.POSITION_RHO
+        )
+        chans = [pos[:, :1]]
+        if self.extra >= 2:
+            chans.append(pos[:, 1:2])
+        if self.extra >= 3:
+            chans.append(self._windows(cov[:, None], boxes, batch, stride))
+        return torch.cat(chans, 1)
+
+    def _select_class_channel(self, logits, classes):
+        if logits.shape[1] == 1:
+            return logits[:, 0]
+        return logits[torch.arange(len(classes), device=logits.device), classes]
+
+    def _grow_existing(self, pyr, f, head, prev_stride, stride, size, valid, sizes):
+        """Upsample each surviving pyramid to this level and refine it inside its window."""
+        up = G.resample_to_grid(pyr.logits, prev_stride, size, stride)
+        limits = G.image_boxes(sizes, pyr.batch)
+        probs = up.sigmoid() * valid[pyr.batch]
+        boxes, nonempty = G.support_boxes(
+            probs, stride, self.mp.WINDOW_EPS, self.mp.WINDOW_MARGIN, limits
+        )
+        fallback = G.centred_boxes(
+            pyr.roots, torch.full_like(pyr.roots[:, 0], self.mp.INIT_WINDOW * stride), limits
+        )
+        boxes = torch.where(nonempty[:, None], boxes, fallback)
+        idx = torch.arange(len(pyr), device=f.device)
+        pooled = self._windows(head.feature_conv(f), boxes, pyr.batch, stride)
+        prev_win = self._windows(pyr.logits[:, None], boxes, idx, prev_stride)
+        cov = G.coverage(up.sigmoid(), pyr.batch, f.shape[0]) if self.extra >= 3 else None
+        extras = torch.cat(
+            [
+                prev_win.sigmoid(),
+                self._extras(boxes, pyr.roots, pyr.root_stride, cov, pyr.batch, stride),
+            ],
+            1,
+        )
+        skip = None
+        if pyr.hidden is not None and self.mp.GROW_SKIP:
+            skip = self._resample_hidden(pyr.hidden, pyr.windows, boxes)
+        delta, hidden = head(pooled, extras, skip)
+        win_logits = prev_win[:, 0] + self._select_class_channel(delta, pyr.classes)
+        logits = G.soft_clamp(
+            G.paste_windows(win_logits, boxes, size, stride, up), self.mp.LOGIT_CLAMP
+        )
+        territory = G.resample_to_grid(pyr.territory.float(), prev_stride, size, stride) > 0.5
+        return G.Pyramids(
+            batch=pyr.batch, roots=pyr.roots, root_level=pyr.root_level, root_stride=pyr.root_stride,
+            logits=logits, cls_logits=pyr.cls_logits, scores=pyr.scores, classes=pyr.classes,
+            target=pyr.target, pseudo=pyr.pseudo, territory=territory, hidden=hidden,
+            windows=boxes, iou_logits=pyr.iou_logits,
+        )  # fmt: skip
+
+    def _resample_hidden(self, hidden, old_boxes, new_boxes):
+        """The coarser level's head features, moved from the old window into the new one."""
+        r = self.window
+        t = (torch.arange(r, device=hidden.device, dtype=hidden.dtype) + 0.5) / r
+        xs = new_boxes[:, 0:1] + t[None] * (new_boxes[:, 2:3] - new_boxes[:, 0:1])
+        ys = new_boxes[:, 1:2] + t[None] * (new_boxes[:, 3:4] - new_boxes[:, 1:2])
+        gx = (
+            2 * (xs - old_boxes[:, 0:1]) / (old_boxes[:, 2:3] - old_boxes[:, 0:1]).clamp(min=1e-6)
+            - 1
+        )
+        gy = (
+            2 * (ys - old_boxes[:, 1:2]) / (old_boxes[:, 3:4] - old_boxes[:, 1:2]).clamp(min=1e-6)
+            - 1
+        )
+        n = hidden.shape[0]
+        grid = torch.stack([gx[:, None, :].expand(n, r, r), gy[:, :, None].expand(n, r, r)], -1)
+        return torch.nn.functional.grid_sample(
+            hidden, grid, align_corners=False, padding_mode="zeros"
+        )
+
+    def _spawn(self, lvl, mask_lvl, f, base_init, head, cls_maps, iou_maps, valid, uncovered, pyr,
+               sizes, targets):  # fmt: skip
+        """New roots on level ``lvl`` (by SPAWN_MODE; positives always in training) and their
+        masks on the mask level by the mask-init head."""
+        mp = self.mp
+        B = f.shape[0]
+        cls_map = cls_maps[lvl]
+        Hr, Wr = cls_map.shape[-2:]
+        root_stride = self.strides[lvl]
+        score_map = cls_map.detach().sigmoid().amax(1)  # (B, Hr, Wr)
+        root_valid = G.valid_cells(sizes.tolist(), root_stride, Hr, Wr, f.device)
+        positives = targets["positives"][lvl] if targets is not None else None
+        start_grid = lvl == 0 and len(mp.START_GRID) == 2
+        if start_grid:
+            return self._spawn_grid(
+                mask_lvl, f, base_init, head, cls_map, iou_maps[lvl], sizes, targets
+            )
+        if lvl == 0 and mp.FIRST_LEVEL_ROOTS == "all":
+            cand = root_valid.clone()
+        else:
+            cand = torch.zeros_like(root_valid)
+            if lvl == 0 or self.spawn_mode in ("peaks", "both"):
+                cand |= G.local_peaks(score_map, mp.PEAK_THRESHOLD) & root_valid
+            if uncovered is not None:  # growth on: the root grid is the mask grid
+                cand |= uncovered
+        is_pos = torch.zeros_like(cand)
+        if positives is not None:
+            is_pos = positives >= 0
+            if self.spawn_mode == "peaks":
+                # non-positive peak roots would carry no loss: training spawns the positives only
+                cand = is_pos.clone()
+            else:
+                cand = cand | is_pos
+        b, i, j = cand.nonzero(as_tuple=True)
+        pos_flag = is_pos[b, i, j]
+        target = (
+            positives[b, i, j].clamp(min=-1) if positives is not None else torch.full_like(b, -1)
+        )
+        scores = score_map[b, i, j]
+        # in training, non-positive roots of "uncovered" / "both" hold background
+        pseudo = ~pos_flag & (positives is not None) & (self.spawn_mode != "peaks")
+        # caps before any head runs: positives first, then score; pseudo pyramids apart
+        priority = scores + 2.0 * pos_flag.float()
+        caps = torch.where(pseudo, mp.MAX_PSEUDO, mp.MAX_PYRAMIDS)
+        keep = G.rank_within_group(b * 2 + pseudo.long(), priority) < caps
+        b, i, j, target, scores, pseudo = (
+            b[keep],
+            i[keep],
+            j[keep],
+            target[keep],
+            scores[keep],
+            pseudo[keep],
+        )
+        roots = torch.stack([(j.float() + 0.5) * root_stride, (i.float() + 0.5) * root_stride], 1)
+        cls_logits = cls_map[b, :, i, j]
+        iou_logits = iou_maps[lvl][b, i, j] if iou_maps[lvl] is not None else None
+        # territory: the root cell dilated by one cell, on the mask level's grid
+        Hm, Wm = f.shape[-2:]
+        ys = (torch.arange(Hm, device=f.device) + 0.5) * self.strides[mask_lvl]
+        xs = (torch.arange(Wm, device=f.device) + 0.5) * self.strides[mask_lvl]
+        reach = 1.5 * root_stride
+        territory = ((ys[None, :, None] - roots[:, 1, None, None]).abs() < reach) & (
+            (xs[None, None, :] - roots[:, 0, None, None]).abs() < reach
+        )
+        new = self._init_masks(
+            mask_lvl, lvl, f, base_init, head, b, roots, torch.full_like(scores, float(root_stride)),
+            cls_logits, scores, target, pseudo, territory, iou_logits, sizes, pyr, targets,
+        )  # fmt: skip
+        spawned = torch.stack([b, i, j], 1)
+        return new, spawned
+
+    def _spawn_grid(self, mask_lvl, f, base_init, head, cls_map, iou_map, sizes, targets):
+        """First-level roots on a fixed START_GRID over each image."""
+        positives = targets["positives"][0] if targets is not None else None
+        gh, gw = (int(v) for v in self.mp.START_GRID)
+        B = f.shape[0]
+        dev = f.device
+        u = (torch.arange(gw, device=dev, dtype=torch.float32) + 0.5) / gw
+        v = (torch.arange(gh, device=dev, dtype=torch.float32) + 0.5) / gh
+        b = torch.arange(B, device=dev).repeat_interleave(gh * gw)
+        gy, gx = torch.meshgrid(v, u, indexing="ij")
+        roots = torch.stack(
+            [gx.reshape(-1)[None] * sizes[:, 1:2], gy.reshape(-1)[None] * sizes[:, :1]], -1
+        )
+        roots = roots.reshape(-1, 2)
+        stride0 = self.strides[0]
+        i = (roots[:, 1] / stride0).long().clamp(max=cls_map.shape[-2] - 1)
+        j = (roots[:, 0] / stride0).long().clamp(max=cls_map.shape[-1] - 1)
+        cls_logits = cls_map[b, :, i, j]
+        scores = cls_logits.detach().sigmoid().amax(1)
+        target = (
+            positives[b, i, j].clamp(min=-1) if positives is not None else torch.full_like(b, -1)
+        )
+        root_stride = ((sizes[b, 0] / gh + sizes[b, 1] / gw) / 2).float()
+        iou_logits = iou_map[b, i, j] if iou_map is not None else None
+        Hm, Wm = f.shape[-2:]
+        pseudo = torch.zeros_like(b, dtype=torch.bool)
+        territory = torch.zeros(len(b), Hm, Wm, dtype=torch.bool, device=dev)
+        new = self._init_masks(
+            mask_lvl, 0, f, base_init, head, b, roots, root_stride, cls_logits, scores, target,
+            pseudo, territory, iou_logits, sizes, None, targets,
+        )  # fmt: skip
+        return new, torch.stack([b, i, j], 1)
+
+    def _init_masks(self, mask_lvl, lvl, f, base_init, head, b, roots, root_stride, cls_logits,
+                    scores, target, pseudo, territory, iou_logits, sizes, pyr, targets):  # fmt: skip
+        mp = self.mp
+        stride = self.strides[mask_lvl]
+        H, W = f.shape[-2:]
+        limits = G.image_boxes(sizes, b)
+        if lvl == 0:
+            boxes = limits  # the first level's roots see the whole image
+        else:
+            side = torch.full_like(roots[:, 0], float(mp.INIT_WINDOW * self.strides[lvl]))
+            boxes = G.centred_boxes(roots, side, limits)
+        cov = None
+        if self.extra >= 3:
+            if pyr is not None and len(pyr):
+                cov = G.coverage(pyr.logits.sigmoid(), pyr.batch, f.shape[0])
+            else:
+                cov = f.new_zeros(f.shape[0], H, W)
+        pooled = self._windows(base_init, boxes, b, stride)
+        extras = self._extras(boxes, roots, root_stride, cov, b, stride)
+        logits_win, hidden = head(pooled, extras)
+        classes = cls_logits.argmax(1) if len(b) else b
+        if targets is not None and len(b):  # positives use their instance's class
+            gt_cls = targets["classes"][target.clamp(min=0)]
+            classes = torch.where(target >= 0, gt_cls, classes)
+        win = self._select_class_channel(logits_win, classes)
+        logits = G.paste_windows(win, boxes, (H, W), stride, -abs(mp.LOGIT_CLAMP) or -20.0)
+        logits = G.soft_clamp(logits, mp.LOGIT_CLAMP)
+        return G.Pyramids(
+            batch=b, roots=roots, root_level=torch.full_like(b, lvl), root_stride=root_stride.float(),
+            logits=logits, cls_logits=cls_logits, scores=scores, classes=classes, target=target,
+            pseudo=pseudo, territory=territory, hidden=hidden, windows=boxes,
+            iou_logits=iou_logits,
+        )  # fmt: skip
+
+    def _prune(self, pyr, valid, B):
+        """Drop pyramids that are in no pixel's top TOPK_KEEP above LOW_THRESHOLD; apply caps.
+        In training, positives are never dropped (teacher forcing)."""
+        mp = self.mp
+        n_before = torch.bincount(pyr.batch, minlength=B)
+        probs = pyr.logits.sigmoid() * valid[pyr.batch]
+        keep = G.topk_survivors(probs.detach(), pyr.batch, B, mp.LOW_THRESHOLD, mp.TOPK_KEEP)
+        is_pos = pyr.target >= 0
+        keep |= is_pos
+        priority = pyr.scores + 2.0 * is_pos.float() - 4.0 * (~keep).float()
+        group = pyr.batch * 2 + pyr.pseudo.long()
+        caps = torch.where(pyr.pseudo, mp.MAX_PSEUDO, mp.MAX_PYRAMIDS)
+        keep &= G.rank_within_group(group, priority) < caps
+        pruned = n_before - torch.bincount(pyr.batch[keep], minlength=B)
+        extra = None
+        if self.record_pruned:
+            extra = (pyr.logits[~keep].detach(), pyr.batch[~keep])
+        return pyr[keep], pruned, extra
+
+    # ------------------------------------------------------------------ losses
+    def losses(self, records, cls_maps, targets, feats, image_sizes) -> Dict[str, torch.Tensor]:
+        mp = self.mp
+        n_score = len(cls_maps)
+        out = {
+            "loss_cls": mp.CLASS_LOSS_WEIGHT
+            * dense_class_loss(
+                cls_maps,
+                targets["positives"][:n_score],
+                targets["classes"],
+                mp.FOCAL_ALPHA,
+                mp.FOCAL_GAMMA,
+            )
+        }
+        zero = cls_maps[0].sum() * 0
+        territory_terms = []
+        inst_levels = targets["levels"]
+        for rec in records:
+            lvl, pyr = rec.level, rec.pyramids
+            H, W = pyr.logits.shape[-2:]
+            valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
+            gt = targets["masks"][lvl]  # (M, H, W)
+            union = (
+                G.coverage(gt, targets["batch"], len(image_sizes))
+                if len(gt)
+                else gt.new_zeros(len(image_sizes), H, W)
+            )
+            pos = pyr.target >= 0
+            loss_pos = zero
+            if pos.any():
+                logits, tgt = pyr.logits[pos], gt[pyr.target[pos]]
+                v = valid[pyr.batch[pos]].float()
+                weights = v
+                if mp.DROWN_WEIGHT > 0:
+                    weights = v * (
+                        1 + mp.DROWN_WEIGHT * self._drowned(pyr, pos, gt, targets, inst_levels)
+                    )
+                per = per_pyramid_mask_loss(logits, tgt, weights, mp.MASK_LOSS)
+                if mp.MASK_LOSS == "bce_dice":
+                    per = per + dice_loss(logits, tgt, v)
+                loss_pos = per.mean()
+                if mp.TERRITORY_WEIGHT > 0:
+                    others = (union[pyr.batch[pos]] - tgt).clamp(min=0)
+                    territory_terms.append(territory_penalty(logits, tgt, others, v))
+            out[f"loss_mask_{rec.name}"] = self.level_weights[lvl] * loss_pos
+            pseudo = pyr.pseudo & (pyr.target < 0)
+            if mp.SPAWN_MODE != "peaks":
+                loss_pseudo = zero
+                if pseudo.any():
+                    ub = union[pyr.batch[pseudo]]
+                    # roots inside an instance get no mask target (only the class negative)
+                    root_i = (pyr.roots[pseudo, 1] / rec.stride).long().clamp(max=H - 1)
+                    root_j = (pyr.roots[pseudo, 0] / rec.stride).long().clamp(max=W - 1)
+                    has_target = ub[torch.arange(len(ub), device=ub.device), root_i, root_j] < 0.5
+                    if has_target.any():
+                        ub = ub[has_target]
+                        logits = pyr.logits[pseudo][has_target]
+                        terr = pyr.territory[pseudo][has_target].float()
+                        v = valid[pyr.batch[pseudo][has_target]].float()
+                        weights = v * torch.maximum(terr, (ub > 0).float())
+                        loss_pseudo = per_pyramid_mask_loss(
+                            logits, 1 - ub, weights, mp.MASK_LOSS
+                        ).mean()
+                        if mp.TERRITORY_WEIGHT > 0:
+                            territory_terms.append(
+                                territory_penalty(logits, terr * (1 - ub), ub, v)
+                            )
+                out[f"loss_pseudo_{rec.name}"] = (
+                    mp.PSEUDO_WEIGHT * self.level_weights[lvl] * loss_pseudo
+                )
+        if mp.TERRITORY_WEIGHT > 0:
+            terms = torch.cat(territory_terms) if territory_terms else zero[None]
+            out["loss_territory"] = mp.TERRITORY_WEIGHT * (terms.mean() if len(terms) else zero)
+        if mp.SCORE_MODE == "maskiou":
+            out["loss_maskiou"] = mp.MASKIOU_LOSS_WEIGHT * self._maskiou_loss(
+                records[-1], targets, image_sizes
+            )
+        if self.sem_seg_head is not None:
+            out["loss_sem_seg"] = mp.SEM_SEG_LOSS_WEIGHT * self._sem_seg_loss(
+                feats, targets, records[-1]
+            )
+        return out
+
+    def _drowned(self, pyr, pos, gt, targets, inst_levels):
+        """(P, H, W): pixels of instances rooted on finer levels than the pyramid's, not its own."""
+        B = int(targets["batch"].max()) + 1 if len(targets["batch"]) else 1
+        n_levels = len(self.in_features)
+        finer = gt.new_zeros(B, n_levels, *gt.shape[1:])
+        for r in range(n_levels):  # levels only
+            sel = inst_levels > r
+            if sel.any():
+                finer[:, r] = G.coverage(gt[sel], targets["batch"][sel], B)
+        own = gt[pyr.target[pos]]
+        return (finer[pyr.batch[pos], pyr.root_level[pos]] - own).clamp(min=0)
+
+    def _maskiou_loss(self, rec, targets, image_sizes):
+        pyr = rec.pyramids
+        pos = pyr.target >= 0
+        if not pos.any() or pyr.iou_logits is None:
+            return self.score_head.maskiou.weight.sum() * 0
+        H, W = pyr.logits.shape[-2:]
+        valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
+        iou = mask_iou(
+            pyr.logits[pos].detach(),
+            targets["masks"][rec.level][pyr.target[pos]],
+            valid[pyr.batch[pos]],
+        )
+        return torch.nn.functional.mse_loss(pyr.iou_logits[pos].sigmoid(), iou)
+
+    def _sem_seg_loss(self, feats, targets, rec):
+        f = feats[rec.level]
+        logits = self.sem_seg_head(f)
+        B, C, H, W = logits.shape
+        gt = targets["masks"][rec.level]
+        target = logits.new_zeros(B * C, H, W)
+        if len(gt):
+            target = G.coverage(gt, targets["batch"] * C + targets["classes"], B * C)
+        valid = G.valid_cells(self._image_sizes, rec.stride, H, W, self.device)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target.view(B, C, H, W), reduction="none"
+        )
+        return (loss * valid[:, None]).sum() / (valid.sum() * C).clamp(min=1)
+
+    def _log_counts(self, records):
+        try:
+            storage = get_event_storage()
+        except AssertionError:
+            return
+        B = len(self._image_sizes)
+        for rec in records:
+            storage.put_scalar(f"pyramids/{rec.name}", len(rec.pyramids) / B, smoothing_hint=True)
+
+    # ------------------------------------------------------------------ inference
+    def inference(self, rec: LevelRecord, batched_inputs, image_sizes):
+        mp = self.mp
+        pyr = rec.pyramids
+        scores = pyr.scores
+        if mp.SCORE_MODE == "maskiou" and pyr.iou_logits is not None:
+            scores = scores * pyr.iou_logits.sigmoid()
+        results = []
+        for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
+            sel = pyr.batch == b
+            out_size = (x.get("height", size[0]), x.get("width", size[1]))
+            inst = pyramids_to_instances(
+                pyr.logits[sel], scores[sel], pyr.cls_logits[sel].argmax(1) if sel.any() else pyr.batch[sel],
+                rec.stride, tuple(size), out_size, mp.SCORE_THRESH_TEST, mp.MASK_THRESHOLD,
+                mp.MIN_KEPT_FRACTION, mp.NMS, mp.NMS_THRESH, mp.MATRIX_NMS_SIGMA,
+                mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT,
+            )  # fmt: skip
+            results.append({"instances": inst})
+        return results

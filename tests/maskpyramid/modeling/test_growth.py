@@ -1,0 +1,107 @@
+"""growth.py: resampling by cell centres, windows, peaks, coverage, pruning and caps."""
+
+import torch
+import torch.nn.functional as F
+
+from maskpyramid.modeling import growth as G
+
+
+def test_resample_exact_double_matches_interpolate():
+    x = torch.randn(3, 5, 7)
+    up = G.resample_to_grid(x, 16, (10, 14), 8)
+    ref = F.interpolate(x[:, None], size=(10, 14), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(up, ref)
+
+
+def test_resample_uses_centres_when_sizes_are_not_multiples():
+    # a p6 grid of ceil(5/2) = 3 cells over a p5 grid of 5: cell k of p5 is centred at 32 (k+.5)
+    x = torch.arange(3.0).view(1, 1, 3).expand(1, 3, 3).contiguous()
+    up = G.resample_to_grid(x, 64, (5, 5), 32)
+    # p5 centres 16, 48, 80, 112, 144 -> p6 coordinates (x / 64 - 0.5): clamp, .25, .75, 1.25, 1.75
+    torch.testing.assert_close(up[0, 0], torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75]))
+
+
+def test_paste_windows_places_values_inside_the_box_only():
+    win = torch.ones(1, 4, 4) * 5
+    boxes = torch.tensor([[16.0, 8.0, 48.0, 24.0]])
+    out = G.paste_windows(win, boxes, (4, 8), 8, -1.0)
+    expect = torch.full((4, 8), -1.0)
+    expect[1:3, 2:6] = 5  # centres 12, 20 in y; 20..44 in x
+    torch.testing.assert_close(out[0], expect)
+
+
+def test_paste_reproduces_a_window_pooled_at_native_resolution():
+    from detectron2.layers import ROIAlign
+
+    level = torch.randn(1, 1, 8, 8)
+    box = torch.tensor([[0, 16.0, 8.0, 48.0, 40.0]])  # 4 x 4 cells at stride 8
+    pooled = ROIAlign((4, 4), 1 / 8, 0, aligned=True)(level, box)
+    out = G.paste_windows(pooled[:, 0], box[:, 1:], (8, 8), 8, level[:, 0])
+    torch.testing.assert_close(out, level[:, 0])
+
+
+def test_support_boxes_and_empty_maps():
+    p = torch.zeros(2, 6, 6)
+    p[0, 2:4, 1:3] = 0.9
+    limits = torch.tensor([[0.0, 0, 48, 48]] * 2)
+    boxes, nonempty = G.support_boxes(p, 8, 0.05, 1, limits)
+    assert nonempty.tolist() == [True, False]
+    torch.testing.assert_close(boxes[0], torch.tensor([0.0, 8, 32, 40]))
+
+
+def test_centred_boxes_stay_inside_and_shrink_to_small_images():
+    c = torch.tensor([[2.0, 2.0], [30.0, 10.0]])
+    lim = torch.tensor([[0.0, 0, 64, 64], [0.0, 0, 20, 20]])
+    b = G.centred_boxes(c, torch.tensor([32.0, 32.0]), lim)
+    torch.testing.assert_close(b, torch.tensor([[0.0, 0, 32, 32], [0.0, 0, 20, 20]]))
+
+
+def test_local_peaks():
+    s = torch.zeros(1, 5, 5)
+    s[0, 1, 1] = 0.5
+    s[0, 3, 3] = 0.04
+    s[0, 1, 2] = 0.3
+    assert G.local_peaks(s, 0.05).nonzero().tolist() == [[0, 1, 1]]
+
+
+def test_rank_within_group_and_caps():
+    group = torch.tensor([1, 0, 1, 1, 0])
+    key = torch.tensor([0.1, 0.9, 0.7, 0.3, 0.2])
+    assert G.rank_within_group(group, key).tolist() == [2, 0, 0, 1, 1]
+    assert G.cap_per_image(group, key, 2).tolist() == [False, True, True, True, True]
+
+
+def test_topk_survivors_prunes_pyramids_that_win_no_pixel():
+    probs = torch.zeros(4, 2, 2)
+    probs[0] = 0.9
+    probs[1] = 0.8
+    probs[2] = 0.7  # third everywhere: survives with k=3, pruned with k=2
+    probs[3] = 0.1  # below LOW_THRESHOLD everywhere: pruned whatever k
+    batch = torch.zeros(4, dtype=torch.long)
+    assert G.topk_survivors(probs, batch, 1, 0.2, 3).tolist() == [True, True, True, False]
+    assert G.topk_survivors(probs, batch, 1, 0.2, 2).tolist() == [True, True, False, False]
+    # pyramids of different images never compete
+    assert G.topk_survivors(probs, torch.tensor([0, 0, 1, 1]), 2, 0.2, 1).tolist() == [
+        True,
+        False,
+        True,
+        False,
+    ]
+
+
+def test_valid_cells_cover_images_smaller_than_a_cell():
+    v = G.valid_cells([(20, 70)], 64, 1, 2, "cpu")
+    assert v.tolist() == [[[True, True]]]
+
+
+def test_pyramids_index_and_cat():
+    n = 3
+    p = G.Pyramids(
+        batch=torch.arange(n), roots=torch.zeros(n, 2), root_level=torch.zeros(n, dtype=torch.long),
+        root_stride=torch.ones(n), logits=torch.randn(n, 2, 2), cls_logits=torch.randn(n, 4),
+        scores=torch.rand(n), classes=torch.zeros(n, dtype=torch.long),
+        target=torch.full((n,), -1), pseudo=torch.zeros(n, dtype=torch.bool),
+        territory=torch.zeros(n, 2, 2, dtype=torch.bool),
+    )  # fmt: skip
+    q = G.Pyramids.cat([p[torch.tensor([True, False, True])], p[1:2]])
+    assert q.batch.tolist() == [0, 2, 1] and q.hidden is None and len(q) == 3

@@ -1,0 +1,292 @@
+"""MaskPyramid end to end: every ablation knob trains a step and infers; bad input.
+
+Each knob runs through the real data path (tiny `shapes`, the MaskPyramid mapper) for one
+training step and one inference step (score threshold 0, so that painting, NMS and the boxes see
+pyramids even from an untrained model).
+"""
+
+import math
+
+import pytest
+import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from maskpyramid.engine.trainer import Trainer
+from maskpyramid.modeling.targets import TargetParams, prepare_pyramid_targets
+
+CONFIG = "configs/shapes/mask_pyramid_R_18_FPN.yaml"
+TINY = [
+    "MODEL.MASK_PYRAMID.SIZE_RANGES", [[48, 100000], [24, 48], [12, 24], [0, 12]],
+    "MODEL.MASK_PYRAMID.HEAD_CHANNELS", 16, "MODEL.MASK_PYRAMID.WINDOW_SIZE", 8,
+    "MODEL.FPN.OUT_CHANNELS", 32,
+    # single images below the coarsest stride: BatchNorm cannot train on one 1x1 map
+    "MODEL.RESNETS.NORM", "FrozenBN",
+]  # fmt: skip
+
+KNOBS = {
+    "default": [],
+    "init_convs_4": ["MODEL.MASK_PYRAMID.INIT_CONVS", 4],
+    "spawn_uncovered": ["MODEL.MASK_PYRAMID.SPAWN_MODE", "uncovered"],
+    "spawn_both_pseudo_0": ["MODEL.MASK_PYRAMID.SPAWN_MODE", "both", "MODEL.MASK_PYRAMID.PSEUDO_WEIGHT", 0.0],
+    "growth_off": ["MODEL.MASK_PYRAMID.GROWTH", False],
+    "score_maskiou": ["MODEL.MASK_PYRAMID.SCORE_MODE", "maskiou"],
+    "loss_bce_dice": ["MODEL.MASK_PYRAMID.MASK_LOSS", "bce_dice"],
+    "loss_l1": ["MODEL.MASK_PYRAMID.MASK_LOSS", "l1"],
+    "loss_l2": ["MODEL.MASK_PYRAMID.MASK_LOSS", "l2"],
+    "nms_mask": ["MODEL.MASK_PYRAMID.NMS", "mask"],
+    "nms_fast": ["MODEL.MASK_PYRAMID.NMS", "fast"],
+    "nms_matrix": ["MODEL.MASK_PYRAMID.NMS", "matrix"],
+    "extra_channels_2": ["MODEL.MASK_PYRAMID.EXTRA_CHANNELS", 2],
+    "extra_channels_3": ["MODEL.MASK_PYRAMID.EXTRA_CHANNELS", 3, "MODEL.MASK_PYRAMID.SPAWN_MODE", "both"],
+    "start_grid_2x4": ["MODEL.MASK_PYRAMID.START_GRID", [2, 4]],
+    "first_level_peaks": ["MODEL.MASK_PYRAMID.FIRST_LEVEL_ROOTS", "peaks"],
+    "low_threshold": ["MODEL.MASK_PYRAMID.LOW_THRESHOLD", 0.4],
+    "topk_keep_1": ["MODEL.MASK_PYRAMID.TOPK_KEEP", 1],
+    "heads_shared": ["MODEL.MASK_PYRAMID.HEAD_SHARING", "shared"],
+    "class_specific": ["MODEL.MASK_PYRAMID.CLASS_SPECIFIC_MASKS", True],
+    "drown": ["MODEL.MASK_PYRAMID.DROWN_WEIGHT", 2.0],
+    "territory": ["MODEL.MASK_PYRAMID.TERRITORY_WEIGHT", 1.0, "MODEL.MASK_PYRAMID.SPAWN_MODE", "uncovered"],
+    "grow_skip": ["MODEL.MASK_PYRAMID.GROW_SKIP", True],
+    "assign_mask": ["MODEL.MASK_PYRAMID.ASSIGN_MODE", "mask"],
+    "assign_atss": ["MODEL.MASK_PYRAMID.ASSIGN_MODE", "atss"],
+    "one_positive": ["MODEL.MASK_PYRAMID.ONE_POSITIVE_PER_LEVEL", True],
+    "sem_seg": ["MODEL.MASK_PYRAMID.SEM_SEG_LOSS_WEIGHT", 1.0],
+    "position_multiply": ["MODEL.MASK_PYRAMID.POSITION_MODE", "multiply"],
+    "rho_2": ["MODEL.MASK_PYRAMID.POSITION_RHO", 2.0],
+    "no_logit_clamp": ["MODEL.MASK_PYRAMID.LOGIT_CLAMP", 0.0],
+    "level_weights": ["MODEL.MASK_PYRAMID.LEVEL_LOSS_WEIGHTS", [2.0, 1.0, 1.0, 0.5]],
+    "staged": ["MODEL.MASK_PYRAMID.STAGE_ITERS", [0, 0, 5, 10]],
+    "painted_no_dedup": ["MODEL.MASK_PYRAMID.PAINTED_OUTPUT", True, "MODEL.MASK_PYRAMID.MIN_KEPT_FRACTION", 0.0],
+    "caps": ["MODEL.MASK_PYRAMID.MAX_PYRAMIDS", 2, "MODEL.MASK_PYRAMID.MAX_PSEUDO", 1, "MODEL.MASK_PYRAMID.SPAWN_MODE", "both"],
+}  # fmt: skip
+
+
+@pytest.fixture
+def mp_cfg(make_cfg):
+    def make(*opts):
+        return make_cfg(*(TINY + list(opts)), config_file=CONFIG)
+
+    return make
+
+
+def _one_batch(cfg):
+    loader = build_detection_train_loader(cfg, mapper=Trainer.build_train_mapper(cfg))
+    return next(iter(loader))
+
+
+def _capture_records(model):
+    records = []
+    grow = model.grow
+
+    def wrapped(*args, **kwargs):
+        out = grow(*args, **kwargs)
+        records.append(out)
+        return out
+
+    model.grow = wrapped
+    return records
+
+
+@pytest.mark.parametrize("knob", sorted(KNOBS))
+def test_knob_trains_and_infers(mp_cfg, knob):
+    cfg = mp_cfg(*KNOBS[knob], "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = _one_batch(cfg)
+    records = _capture_records(model)
+    with EventStorage(0):
+        losses = model(data)
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total.requires_grad
+    total.backward()
+    assert all(k.startswith("loss_") for k in losses)
+    if knob not in ("growth_off", "staged"):  # staged: p4 and p3 start later
+        for name in ("p6", "p5", "p4", "p3"):
+            assert f"loss_mask_{name}" in losses  # level losses reported separately
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        out = model(data)
+    assert len(out) == len(data)
+    for x, o in zip(data, out):
+        inst = o["instances"]
+        assert inst.image_size == (x["height"], x["width"])
+        assert inst.pred_masks.shape[1:] == inst.image_size
+        assert inst.pred_boxes.tensor.shape == (len(inst), 4)
+        assert (inst.pred_classes < cfg.MODEL.MASK_PYRAMID.NUM_CLASSES).all()
+    final = records[-1][-1].pyramids
+    per_image = torch.bincount(final.batch, minlength=len(data))
+    assert (per_image <= cfg.MODEL.MASK_PYRAMID.MAX_PYRAMIDS).all()
+
+
+def test_staged_training_switches_levels_on_by_iteration(mp_cfg):
+    cfg = mp_cfg("MODEL.MASK_PYRAMID.STAGE_ITERS", [0, 0, 5, 10])
+    model = build_model(cfg)
+    data = _one_batch(cfg)
+    with EventStorage(0):
+        assert set(model(data)) >= {"loss_mask_p6", "loss_mask_p5"}
+        assert "loss_mask_p4" not in model(data)
+    with EventStorage(7):
+        assert "loss_mask_p4" in model(data) and "loss_mask_p3" not in model(data)
+    with EventStorage(10):
+        assert "loss_mask_p3" in model(data)
+
+
+def test_positives_are_never_pruned_in_training(mp_cfg):
+    cfg = mp_cfg("MODEL.MASK_PYRAMID.LOW_THRESHOLD", 1.0)  # nothing wins a pixel: prune all
+    model = build_model(cfg)
+    data = _one_batch(cfg)
+    records = _capture_records(model)
+    with EventStorage(0):
+        model(data)
+    n_pos = sum(int((x["pyramid_targets"]["levels"] >= 0).sum()) for x in data)
+    last = records[0][-1].pyramids
+    assert (last.target >= 0).all() and len(last.target.unique()) == n_pos
+
+
+def test_caps_bind_in_inference(mp_cfg):
+    cfg = mp_cfg(
+        "MODEL.MASK_PYRAMID.MAX_PYRAMIDS", 3, "MODEL.MASK_PYRAMID.SPAWN_MODE", "uncovered",
+        "MODEL.MASK_PYRAMID.LOW_THRESHOLD", 0.9,
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    data = _one_batch(cfg)
+    records = _capture_records(model)
+    with torch.no_grad():
+        model(data)
+    for rec in records[0]:
+        assert torch.bincount(rec.pyramids.batch, minlength=len(data)).max() <= 3
+    assert sum(int(r.num_pruned.sum()) for r in records[0]) > 0  # the caps did bind
+
+
+# ---------------------------------------------------------------- bad input
+def _input(image, masks, image_id=7, classes=None):
+    h, w = image.shape[-2:]
+    inst = Instances((h, w))
+    m = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+    inst.gt_masks = BitMasks(m)
+    inst.gt_boxes = Boxes(BitMasks(m).get_bounding_boxes().tensor if len(m) else torch.zeros(0, 4))
+    inst.gt_classes = classes if classes is not None else torch.zeros(len(m), dtype=torch.long)
+    return {"image": image, "instances": inst, "height": h, "width": w, "image_id": image_id}
+
+
+def _with_targets(cfg, inputs):
+    params = TargetParams.from_config(cfg)
+    for x in inputs:
+        x["pyramid_targets"] = prepare_pyramid_targets(x["instances"], params)
+    return inputs
+
+
+def _train_and_infer(cfg, inputs):
+    model = build_model(cfg)
+    with EventStorage(0):
+        losses = model(_with_targets(cfg, inputs))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        return losses, model(inputs)
+
+
+def _noise(h, w, seed=0):
+    return (torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed)) * 255).to(
+        torch.uint8
+    )
+
+
+def test_zero_ground_truth(mp_cfg):
+    losses, out = _train_and_infer(mp_cfg(), [_input(_noise(64, 64), [])])
+    assert all(float(v) == 0 for k, v in losses.items() if k.startswith("loss_mask"))
+    assert losses["loss_cls"] > 0  # every pixel is a negative
+
+
+def test_all_background_image_at_inference_gives_no_output(mp_cfg):
+    cfg = mp_cfg()
+    model = build_model(cfg).eval()
+    x = {"image": torch.full((3, 64, 64), 114, dtype=torch.uint8), "height": 64, "width": 64}
+    with torch.no_grad():
+        inst = model([x])[0]["instances"]
+    assert len(inst) == 0 and inst.pred_masks.shape == (0, 64, 64)
+
+
+def test_one_object_covering_the_whole_image(mp_cfg):
+    full = torch.ones(64, 64, dtype=torch.bool)
+    losses, out = _train_and_infer(mp_cfg(), [_input(_noise(64, 64), [full])])
+    assert float(losses["loss_mask_p6"]) > 0  # rooted on the coarsest level
+
+
+def test_fifty_tiny_objects(mp_cfg):
+    masks = []
+    for k in range(50):
+        m = torch.zeros(80, 80, dtype=torch.bool)
+        r, c = divmod(k, 10)
+        m[r * 8 + 2 : r * 8 + 5, c * 8 + 2 : c * 8 + 5] = True
+        masks.append(m)
+    cfg = mp_cfg("MODEL.MASK_PYRAMID.MAX_PYRAMIDS", 20, "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0)
+    losses, out = _train_and_infer(cfg, [_input(_noise(80, 80), masks)])
+    assert float(losses["loss_mask_p3"]) > 0
+    assert len(out[0]["instances"]) <= 20
+
+
+@pytest.mark.parametrize("size", [(20, 20), (8, 30)])
+def test_image_smaller_than_the_coarsest_stride(mp_cfg, size):
+    h, w = size
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[2:6, 2:6] = True
+    cfg = mp_cfg("MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0)
+    losses, out = _train_and_infer(cfg, [_input(_noise(h, w), [m])])
+    assert out[0]["instances"].pred_masks.shape[1:] == (h, w)
+
+
+def test_every_pyramid_pruned_gives_empty_output(mp_cfg):
+    cfg = mp_cfg("MODEL.MASK_PYRAMID.LOW_THRESHOLD", 1.0, "MODEL.MASK_PYRAMID.PEAK_THRESHOLD", 1.0,
+                 "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0)  # fmt: skip
+    model = build_model(cfg).eval()
+    records = _capture_records(model)
+    with torch.no_grad():
+        out = model([_input(_noise(64, 64), [])])
+    assert all(len(r.pyramids) == 0 for r in records[0])
+    assert len(out[0]["instances"]) == 0
+
+
+def test_nan_features_name_the_image(mp_cfg):
+    cfg = mp_cfg()
+    model = build_model(cfg)
+    x = _input(_noise(64, 64).float(), [], image_id=1234)
+    x["image"][0, 5, 5] = math.nan
+    with pytest.raises(FloatingPointError, match="1234"):
+        with EventStorage(0):
+            model(_with_targets(cfg, [x]))
+    model.eval()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model([x])
+
+
+def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
+    model = build_model(mp_cfg())
+    with pytest.raises(ValueError, match="MaskPyramidDatasetMapper"):
+        with EventStorage(0):
+            model([_input(_noise(64, 64), [])])
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        (["MODEL.MASK_PYRAMID.SPAWN_MODE", "everywhere"], "SPAWN_MODE"),
+        (["MODEL.MASK_PYRAMID.INIT_CONVS", 1], "INIT_CONVS"),
+        (["MODEL.MASK_PYRAMID.IN_FEATURES", ["p7", "p3"]], "IN_FEATURES"),
+        (["MODEL.MASK_PYRAMID.SIZE_RANGES", [[0, 10]]], "SIZE_RANGES"),
+        (["MODEL.MASK_PYRAMID.STAGE_ITERS", [0, 1]], "STAGE_ITERS"),
+        (["MODEL.MASK_PYRAMID.NMS", "soft"], "NMS"),
+    ],
+)
+def test_bad_config_names_the_key(mp_cfg, opts, match):
+    cfg = mp_cfg(*opts)
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg)
+        TargetParams.from_config(cfg)
