@@ -78,6 +78,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # --- heads ---
     # channels of the per-pyramid mask heads (their windows are pooled from the FPN level)
     mp.HEAD_CHANNELS = 64
+    # 3x3 conv + GN + ReLU layers each mask head runs on its whole level once per image, before
+    # the windows are pooled (cheap: per image, not per pyramid)
+    mp.FEATURE_CONVS = 2
     # 3x3 convs of the mask-init head after the position map joins (>= 2 with "concat")
     mp.INIT_CONVS = 2
     # 3x3 convs of the mask-grow head
@@ -113,8 +116,10 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     mp.LOGIT_CLAMP = 12.0
 
     # --- losses ---
-    # "bce" (default), "bce_dice", "l1" or "l2" (the last two on probabilities)
-    mp.MASK_LOSS = "bce"
+    # "bce_dice" (BCE on logits plus dice on positives: the masks of a pyramid cover a small part
+    # of the image, and BCE alone first drives them all to 0), "bce", "l1" or "l2" (on
+    # probabilities)
+    mp.MASK_LOSS = "bce_dice"
     # per level of IN_FEATURES; [] = all 1
     mp.LEVEL_LOSS_WEIGHTS = []
     # weight of the pseudo pyramids' mean mask loss ("uncovered" mode); 0 allowed

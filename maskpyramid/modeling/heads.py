@@ -1,4 +1,4 @@
-"""MaskPyramid's heads: the dense root-score head, and the per-pyramid mask-init and mask-grow heads.
+"""MaskPyramid's heads: the dense root-score head, and per-pyramid mask-init and mask-grow heads.
 
 The per-pyramid heads run on windows (``WINDOW_SIZE`` cells square) pooled from the FPN level
 with detectron2's ``ROIAlign``. Their first convolution is split: the part that sees the
@@ -78,6 +78,7 @@ class PyramidMaskHead(nn.Module):
         position_mode: str,
         out_channels: int,
         skip: bool,
+        feature_convs: int = 0,
     ):
         super().__init__()
         if position_mode not in ("concat", "multiply"):
@@ -85,6 +86,12 @@ class PyramidMaskHead(nn.Module):
                 f"MODEL.MASK_PYRAMID.POSITION_MODE must be concat or multiply, got {position_mode}"
             )
         self.position_mode = position_mode
+        # per-image tower before the split first conv (runs once per image, not per pyramid)
+        tower = []
+        for _ in range(feature_convs):
+            tower += [Conv2d(in_channels, in_channels, 3, padding=1, bias=False)]
+            tower += [_group_norm(in_channels), nn.ReLU(inplace=True)]
+        self.tower = nn.Sequential(*tower)
         self.feature_conv = Conv2d(in_channels, channels, 3, padding=1)
         # "multiply": the Gaussian (extra channel 0) multiplies the features; the rest join by conv
         n_conv_extra = num_extra if position_mode == "concat" else num_extra - 1
@@ -94,11 +101,17 @@ class PyramidMaskHead(nn.Module):
             Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs - 1)
         )
         self.predictor = Conv2d(channels, out_channels, 1)
-        for m in [self.feature_conv, self.extra_conv, self.skip_conv, *self.convs]:
+        for m in [*self.tower, self.feature_conv, self.extra_conv, self.skip_conv, *self.convs]:
+            if isinstance(m, (nn.GroupNorm, nn.ReLU)):
+                continue
             if m is not None:
                 weight_init.c2_msra_fill(m)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.constant_(self.predictor.bias, 0)
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature part of the first conv, on a whole level (once per image)."""
+        return self.feature_conv(self.tower(x))
 
     def forward(
         self, pooled: torch.Tensor, extras: torch.Tensor, skip: Optional[torch.Tensor] = None

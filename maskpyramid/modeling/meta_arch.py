@@ -133,7 +133,8 @@ class MaskPyramid(nn.Module):
 
         def head(convs, extra):
             return PyramidMaskHead(
-                channels, mp.HEAD_CHANNELS, convs, extra, mp.POSITION_MODE, out_ch, mp.GROW_SKIP
+                channels, mp.HEAD_CHANNELS, convs, extra, mp.POSITION_MODE, out_ch, mp.GROW_SKIP,
+                mp.FEATURE_CONVS,
             )
 
         self.init_heads = nn.ModuleList(head(mp.INIT_CONVS, self.extra) for _ in range(n_heads))
@@ -273,7 +274,7 @@ class MaskPyramid(nn.Module):
             H, W = f.shape[-2:]
             valid = G.valid_cells(image_sizes, stride, H, W, f.device)
             init_head = self._head(self.init_heads, mask_lvl)
-            base_init = init_head.feature_conv(f)
+            base_init = init_head.image_features(f)
             uncovered = None
             if pyr is not None and not len(pyr):
                 pyr = None  # every pyramid pruned: finer levels start afresh
@@ -353,7 +354,7 @@ class MaskPyramid(nn.Module):
         )
         boxes = torch.where(nonempty[:, None], boxes, fallback)
         idx = torch.arange(len(pyr), device=f.device)
-        pooled = self._windows(head.feature_conv(f), boxes, pyr.batch, stride)
+        pooled = self._windows(head.image_features(f), boxes, pyr.batch, stride)
         prev_win = self._windows(pyr.logits[:, None], boxes, idx, prev_stride)
         cov = G.coverage(up.sigmoid(), pyr.batch, f.shape[0]) if self.extra >= 3 else None
         extras = torch.cat(
@@ -373,7 +374,8 @@ class MaskPyramid(nn.Module):
         )
         territory = G.resample_to_grid(pyr.territory.float(), prev_stride, size, stride) > 0.5
         return G.Pyramids(
-            batch=pyr.batch, roots=pyr.roots, root_level=pyr.root_level, root_stride=pyr.root_stride,
+            batch=pyr.batch, roots=pyr.roots, root_level=pyr.root_level,
+            root_stride=pyr.root_stride,
             logits=logits, cls_logits=pyr.cls_logits, scores=pyr.scores, classes=pyr.classes,
             target=pyr.target, pseudo=pyr.pseudo, territory=territory, hidden=hidden,
             windows=boxes, iou_logits=pyr.iou_logits,
@@ -404,7 +406,6 @@ class MaskPyramid(nn.Module):
         """New roots on level ``lvl`` (by SPAWN_MODE; positives always in training) and their
         masks on the mask level by the mask-init head."""
         mp = self.mp
-        B = f.shape[0]
         cls_map = cls_maps[lvl]
         Hr, Wr = cls_map.shape[-2:]
         root_stride = self.strides[lvl]
@@ -464,7 +465,8 @@ class MaskPyramid(nn.Module):
             (xs[None, None, :] - roots[:, 0, None, None]).abs() < reach
         )
         new = self._init_masks(
-            mask_lvl, lvl, f, base_init, head, b, roots, torch.full_like(scores, float(root_stride)),
+            mask_lvl, lvl, f, base_init, head, b, roots,
+            torch.full_like(scores, float(root_stride)),
             cls_logits, scores, target, pseudo, territory, iou_logits, sizes, pyr, targets,
         )  # fmt: skip
         spawned = torch.stack([b, i, j], 1)
@@ -504,7 +506,8 @@ class MaskPyramid(nn.Module):
         return new, torch.stack([b, i, j], 1)
 
     def _init_masks(self, mask_lvl, lvl, f, base_init, head, b, roots, root_stride, cls_logits,
-                    scores, target, pseudo, territory, iou_logits, sizes, pyr, targets):  # fmt: skip
+                    scores, target, pseudo, territory, iou_logits, sizes, pyr,
+                    targets):  # fmt: skip
         mp = self.mp
         stride = self.strides[mask_lvl]
         H, W = f.shape[-2:]
@@ -531,7 +534,8 @@ class MaskPyramid(nn.Module):
         logits = G.paste_windows(win, boxes, (H, W), stride, -abs(mp.LOGIT_CLAMP) or -20.0)
         logits = G.soft_clamp(logits, mp.LOGIT_CLAMP)
         return G.Pyramids(
-            batch=b, roots=roots, root_level=torch.full_like(b, lvl), root_stride=root_stride.float(),
+            batch=b, roots=roots, root_level=torch.full_like(b, lvl),
+            root_stride=root_stride.float(),
             logits=logits, cls_logits=cls_logits, scores=scores, classes=classes, target=target,
             pseudo=pseudo, territory=territory, hidden=hidden, windows=boxes,
             iou_logits=iou_logits,
@@ -699,8 +703,9 @@ class MaskPyramid(nn.Module):
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             sel = pyr.batch == b
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
+            classes = pyr.cls_logits[sel].argmax(1) if sel.any() else pyr.batch[sel]
             inst = pyramids_to_instances(
-                pyr.logits[sel], scores[sel], pyr.cls_logits[sel].argmax(1) if sel.any() else pyr.batch[sel],
+                pyr.logits[sel], scores[sel], classes,
                 rec.stride, tuple(size), out_size, mp.SCORE_THRESH_TEST, mp.MASK_THRESHOLD,
                 mp.MIN_KEPT_FRACTION, mp.NMS, mp.NMS_THRESH, mp.MATRIX_NMS_SIGMA,
                 mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from maskpyramid.modeling import inference as I
+from maskpyramid.modeling import inference as inf
 
 
 def _masks():
@@ -16,37 +16,37 @@ def _masks():
 
 
 def test_paint_drops_duplicates_and_keeps_partly_covered():
-    keep, painted = I.paint(_masks(), 0.5)
+    keep, painted = inf.paint(_masks(), 0.5)
     assert keep.tolist() == [True, False, True, True]
     assert painted[3].sum() == 2 and not (painted[0] & painted[3]).any()
-    keep, _ = I.paint(_masks(), 0.0)
+    keep, _ = inf.paint(_masks(), 0.0)
     assert keep.all()
 
 
 def test_greedy_mask_nms_matches_a_sequential_reference():
     g = torch.Generator().manual_seed(0)
     m = torch.rand(30, 6, 6, generator=g) > 0.5
-    iou = I.mask_iou_matrix(m)
+    iou = inf.mask_iou_matrix(m)
     ref = []
     for i in range(len(m)):
         if all(iou[j, i] <= 0.3 for j in ref):
             ref.append(i)
-    keep = I.mask_nms(m, 0.3)
+    keep = inf.mask_nms(m, 0.3)
     assert keep.nonzero()[:, 0].tolist() == ref
 
 
 def test_fast_and_matrix_nms():
     m = _masks()
-    assert I.fast_mask_nms(m, 0.5).tolist() == [True, False, True, True]
+    assert inf.fast_mask_nms(m, 0.5).tolist() == [True, False, True, True]
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    decayed = I.matrix_nms(m, scores, 2.0)
+    decayed = inf.matrix_nms(m, scores, 2.0)
     assert decayed[0] == 0.9 and decayed[2] == 0.7 and decayed[1] < 0.8 * 0.5
 
 
 def test_logits_to_image_crops_the_padding_and_scales():
     logits = torch.full((1, 4, 4), -10.0)
     logits[0, :2, :2] = 10  # the top-left 16x16 pixels of a 32x32 input at stride 8
-    out = I.logits_to_image(logits, 8, (64, 64), (32, 32))
+    out = inf.logits_to_image(logits, 8, (64, 64), (32, 32))
     assert out.shape == (1, 64, 64)
     assert (out[0, :24, :24] > 0).all() and (out[0, 40:, 40:] < 0).all()
 
@@ -58,19 +58,19 @@ def test_instances_have_boxes_from_masks_and_respect_threshold_and_top_k():
     logits[2, 3, 3] = 10
     args = dict(stride=8, input_size=(32, 32), output_size=(32, 32), mask_thresh=0.5, min_kept=0.5,
                 nms="none", nms_thresh=0.5, matrix_sigma=2.0, painted_output=False)  # fmt: skip
-    out = I.pyramids_to_instances(
+    out = inf.pyramids_to_instances(
         logits, torch.tensor([0.9, 0.02, 0.5]), torch.tensor([1, 2, 3]), score_thresh=0.05,
         max_detections=100, **args,
     )  # fmt: skip
     assert out.scores.tolist() == pytest.approx([0.9, 0.5]) and out.pred_classes.tolist() == [1, 3]
     box = out.pred_boxes.tensor[0].tolist()
     assert box[0] < 10 and box[2] > 22 and out.pred_masks.dtype == torch.bool
-    one = I.pyramids_to_instances(
+    one = inf.pyramids_to_instances(
         logits, torch.tensor([0.9, 0.02, 0.5]), torch.tensor([1, 2, 3]), score_thresh=0.0,
         max_detections=1, **args,
     )  # fmt: skip
     assert len(one) == 1
-    empty = I.pyramids_to_instances(
+    empty = inf.pyramids_to_instances(
         logits[:0], torch.zeros(0), torch.zeros(0, dtype=torch.long), score_thresh=0.05,
         max_detections=100, **args,
     )  # fmt: skip
