@@ -21,7 +21,7 @@ $(STAMP): $(SETUP_INPUTS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train_net.py --config-file configs/shapes/mask_rcnn_R_18_FPN.yaml OUTPUT_DIR output/demo
+	$(PY) train_net.py --config-file configs/shapes/mask_pyramid_R_18_FPN.yaml OUTPUT_DIR output/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

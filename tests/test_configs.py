@@ -26,7 +26,8 @@ def test_config_builds_its_model(config_file):
     scratch_mask_rcnn.add_scratch_mask_rcnn_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, config_file))
     cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80 if "COCO" in config_file else 5
+    num_classes = 80 if "COCO" in config_file else 5
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES = num_classes
     model = build_model(cfg)
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
     model.eval()

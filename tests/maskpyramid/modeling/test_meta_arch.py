@@ -297,3 +297,22 @@ def test_bad_config_names_the_key(mp_cfg, opts, match):
     with pytest.raises(ValueError, match=match):
         build_model(cfg)
         TargetParams.from_config(cfg)
+
+
+def test_a_few_iterations_on_fruits_nuts_photographs(mp_cfg, tmp_path):
+    from maskpyramid.config import resolve_num_classes
+    from maskpyramid.data import register_fruits_nuts
+
+    if register_fruits_nuts() is None:
+        pytest.skip("../shared/data/fruits_nuts is absent on this machine")
+    cfg = mp_cfg(
+        "DATASETS.TRAIN", ("fruits_nuts",), "MODEL.MASK_PYRAMID.NUM_CLASSES", -1,
+        "INPUT.MIN_SIZE_TRAIN", (160,), "INPUT.MAX_SIZE_TRAIN", 224, "SOLVER.MAX_ITER", 3,
+        "OUTPUT_DIR", str(tmp_path / "fruits"),
+    )  # fmt: skip
+    assert resolve_num_classes(cfg) == 3
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.iter == 3  # SOLVER.MAX_ITER iterations ran
+    history = trainer.storage.history("loss_mask_p3").values()
+    assert history and all(math.isfinite(v) for v, _ in history)

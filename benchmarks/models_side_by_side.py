@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Trained models side by side on the same images: inference s/image and masks per image.
+
+Each model is a config and its weights. Images are fed to the models in turn (image 1 to every
+model, then image 2, ...), so that a busy machine slows them alike. Masks per image counts the
+predicted instances with a score above each threshold (COCOEvaluator keeps up to 100).
+
+Usage:
+  python benchmarks/models_side_by_side.py \
+      --model configs/shapes/mask_rcnn_R_18_FPN_long.yaml \
+              output/mask_rcnn_R_18_FPN_long/model_final.pth \
+      --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml output/mp_long/model_final.pth \
+      [--images 100] [--dataset shapes_val]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import maskpyramid  # noqa: F401
+import scratch_mask_rcnn
+from maskpyramid.config import NUM_CLASSES_KEYS, add_maskpyramid_config, resolve_num_classes
+from maskpyramid.engine import Trainer
+
+NUM_CLASSES_KEYS.update(scratch_mask_rcnn.NUM_CLASSES_KEYS)
+THRESHOLDS = (0.05, 0.3, 0.5)
+
+
+def load(config_file, weights):
+    cfg = get_cfg()
+    add_maskpyramid_config(cfg)
+    scratch_mask_rcnn.add_scratch_mask_rcnn_config(cfg)
+    cfg.merge_from_file(config_file)
+    resolve_num_classes(cfg)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    return cfg, model.eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs=2, action="append", required=True, metavar=("CFG", "PTH"))
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--dataset", default=None, help="default: the first config's TEST[0]")
+    args = parser.parse_args()
+    models = [load(c, w) for c, w in args.model]
+    cfg0 = models[0][0]
+    loader = Trainer.build_test_loader(cfg0, args.dataset or cfg0.DATASETS.TEST[0])
+    times = [[] for _ in models]
+    counts = [{t: [] for t in THRESHOLDS} for _ in models]
+    with torch.no_grad():
+        for i, inputs in enumerate(loader):
+            if i >= args.images + 2:
+                break
+            for k, (_, model) in enumerate(models):
+                start = time.perf_counter()
+                out = model(inputs)[0]["instances"]
+                if i >= 2:  # two warm-up images
+                    times[k].append(time.perf_counter() - start)
+                    for t in THRESHOLDS:
+                        counts[k][t].append(int((out.scores > t).sum()))
+    print(f"{len(times[0])} images of {args.dataset or cfg0.DATASETS.TEST[0]}, "
+          f"torch threads {torch.get_num_threads()}, batch 1")  # fmt: skip
+    head = " | ".join(f"masks/img > {t}" for t in THRESHOLDS)
+    print(f"| model | inference s/image (mean / median) | {head} |")
+    print("|---|---|" + "---|" * len(THRESHOLDS))
+    for (cfg, _), (c, _), ts, cs in zip(models, args.model, times, counts):
+        masks = " | ".join(f"{statistics.mean(cs[t]):.1f}" for t in THRESHOLDS)
+        print(f"| {cfg.MODEL.META_ARCHITECTURE} ({c}) | {statistics.mean(ts):.3f} / "
+              f"{statistics.median(ts):.3f} | {masks} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
