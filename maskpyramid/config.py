@@ -101,6 +101,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # extra input channels: 1 = position map, 2 = + root point, 3 = + the coarser level's masks
     # (coverage of the image by the other pyramids)
     mp.EXTRA_CHANNELS = 1
+    # > 0: two more input channels, the offset to the root (x - root) / (this * root's stride):
+    # relative coordinates that, unlike the Gaussian, do not fade away from the root; 0 = off
+    mp.POSITION_OFFSETS = 0.0
     # "level" (one mask-init and one mask-grow head per level) or "shared" (one across levels)
     mp.HEAD_SHARING = "level"
     # per-class mask predictors (the pyramid's class picks the channel)

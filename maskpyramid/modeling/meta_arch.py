@@ -27,7 +27,7 @@ from .losses import (
     per_pyramid_mask_loss,
     territory_penalty,
 )
-from .position import position_channels
+from .position import offset_channels, position_channels
 from .targets import feature_strides
 
 __all__ = ["MaskPyramid", "LevelRecord"]
@@ -124,6 +124,8 @@ class MaskPyramid(nn.Module):
         self.spawn_mode = mp.SPAWN_MODE
         self.window = int(mp.WINDOW_SIZE)
         self.extra = int(mp.EXTRA_CHANNELS)
+        self.offsets = float(mp.POSITION_OFFSETS)
+        n_extra = self.extra + (2 if self.offsets > 0 else 0)
 
         self.score_head = ScoreHead(
             channels, num_classes, mp.SCORE_CONVS, mp.SCORE_MODE == "maskiou"
@@ -137,9 +139,9 @@ class MaskPyramid(nn.Module):
                 mp.FEATURE_CONVS,
             )
 
-        self.init_heads = nn.ModuleList(head(mp.INIT_CONVS, self.extra) for _ in range(n_heads))
+        self.init_heads = nn.ModuleList(head(mp.INIT_CONVS, n_extra) for _ in range(n_heads))
         # the grow head also sees the pyramid's upsampled mask (probability)
-        self.grow_heads = nn.ModuleList(head(mp.GROW_CONVS, self.extra + 1) for _ in range(n_heads))
+        self.grow_heads = nn.ModuleList(head(mp.GROW_CONVS, n_extra + 1) for _ in range(n_heads))
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
         )
@@ -334,6 +336,8 @@ class MaskPyramid(nn.Module):
             chans.append(pos[:, 1:2])
         if self.extra >= 3:
             chans.append(self._windows(cov[:, None], boxes, batch, stride))
+        if self.offsets > 0:
+            chans.append(offset_channels(boxes, self.window, pyr_roots, pyr_root_stride, self.offsets))
         return torch.cat(chans, 1)
 
     def _select_class_channel(self, logits, classes):

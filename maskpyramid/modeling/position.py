@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["window_cell_centres", "gaussian_map", "position_channels"]
+__all__ = ["window_cell_centres", "gaussian_map", "position_channels", "offset_channels"]
 
 _LN2 = math.log(2.0)
 
@@ -46,3 +46,16 @@ def position_channels(
     wide = gaussian_map(xs, ys, roots, rho * strides)
     point = gaussian_map(xs, ys, roots, 0.25 * strides)
     return torch.stack([wide, point], 1)
+
+
+def offset_channels(
+    boxes: torch.Tensor, size: int, roots: torch.Tensor, root_strides: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Relative coordinates ``(x - root) / (scale * root stride)``, (N, 2, S, S): unlike the
+    Gaussian, they do not fade away from the root (CondInst's relative coordinates)."""
+    xs, ys = window_cell_centres(boxes, size)
+    norm = (scale * root_strides.to(boxes.dtype))[:, None]
+    dx = (xs - roots[:, 0, None]) / norm  # (N, S)
+    dy = (ys - roots[:, 1, None]) / norm
+    n = boxes.shape[0]
+    return torch.stack([dx[:, None, :].expand(n, size, size), dy[:, :, None].expand(n, size, size)], 1)

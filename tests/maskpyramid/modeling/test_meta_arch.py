@@ -63,6 +63,7 @@ KNOBS = {
     "sem_seg": mp(SEM_SEG_LOSS_WEIGHT=1.0),
     "position_multiply": mp(POSITION_MODE="multiply"),
     "rho_2": mp(POSITION_RHO=2.0),
+    "offsets": mp(POSITION_OFFSETS=8.0, EXTRA_CHANNELS=3),
     "no_logit_clamp": mp(LOGIT_CLAMP=0.0),
     "level_weights": mp(LEVEL_LOSS_WEIGHTS=[2.0, 1.0, 1.0, 0.5]),
     "staged": mp(STAGE_ITERS=[0, 0, 5, 10]),
