@@ -135,7 +135,13 @@ class MaskPyramid(nn.Module):
 
         def head(convs, extra):
             return PyramidMaskHead(
-                channels, mp.HEAD_CHANNELS, convs, extra, mp.POSITION_MODE, out_ch, mp.GROW_SKIP,
+                channels,
+                mp.HEAD_CHANNELS,
+                convs,
+                extra,
+                mp.POSITION_MODE,
+                out_ch,
+                mp.GROW_SKIP,
                 mp.FEATURE_CONVS,
             )
 
@@ -337,7 +343,9 @@ class MaskPyramid(nn.Module):
         if self.extra >= 3:
             chans.append(self._windows(cov[:, None], boxes, batch, stride))
         if self.offsets > 0:
-            chans.append(offset_channels(boxes, self.window, pyr_roots, pyr_root_stride, self.offsets))
+            chans.append(
+                offset_channels(boxes, self.window, pyr_roots, pyr_root_stride, self.offsets)
+            )
         return torch.cat(chans, 1)
 
     def _select_class_channel(self, logits, classes):

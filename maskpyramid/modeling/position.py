@@ -58,4 +58,6 @@ def offset_channels(
     dx = (xs - roots[:, 0, None]) / norm  # (N, S)
     dy = (ys - roots[:, 1, None]) / norm
     n = boxes.shape[0]
-    return torch.stack([dx[:, None, :].expand(n, size, size), dy[:, :, None].expand(n, size, size)], 1)
+    return torch.stack(
+        [dx[:, None, :].expand(n, size, size), dy[:, :, None].expand(n, size, size)], 1
+    )
