@@ -22,3 +22,14 @@ def test_window_centres_and_channels_distinguish_roots():
     assert ch.shape == (2, 2, 4, 4)
     assert ch[0, 0, 0, 0] == 1 and ch[1, 0, 3, 3] == 1 and ch[0, 0, 3, 3] < 0.01
     assert ch[0, 1, 0, 1] < ch[0, 0, 0, 1]  # the root point is sharper than the position map
+
+
+def test_offsets_are_relative_coordinates_in_root_strides():
+    from maskpyramid.modeling.position import offset_channels
+
+    boxes = torch.tensor([[0.0, 0, 64, 32]])
+    off = offset_channels(boxes, 4, torch.tensor([[8.0, 4.0]]), torch.tensor([16]), 2.0)
+    assert off.shape == (1, 2, 4, 4)
+    # window cell centres x = 8, 24, 40, 56; y = 4, 12, 20, 28; divided by 2 * 16
+    torch.testing.assert_close(off[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 1.5]))
+    torch.testing.assert_close(off[0, 1, :, 0], torch.tensor([0.0, 0.25, 0.5, 0.75]))
