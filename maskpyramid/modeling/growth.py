@@ -19,6 +19,7 @@ __all__ = [
     "valid_cells",
     "resample_to_grid",
     "paste_windows",
+    "sample_windows",
     "support_boxes",
     "centred_boxes",
     "image_boxes",
@@ -70,13 +71,7 @@ class Pyramids:
         out = {}
         for f in fields(Pyramids):
             values = [getattr(p, f.name) for p in items]
-            if any(v is None for v in values):
-                out[f.name] = None
-                continue
-            try:
-                out[f.name] = torch.cat(values, 0)
-            except RuntimeError as e:
-                raise RuntimeError(f"{f.name}: {[tuple(v.shape) for v in values]}") from e
+            out[f.name] = None if any(v is None for v in values) else torch.cat(values, 0)
         return Pyramids(**out)
 
 
@@ -135,18 +130,30 @@ def paste_windows(
     if n == 0:
         return windows.new_zeros(0, height, width)
     ys, xs = _grid_coords(height, width, stride, windows.device, windows.dtype)
-    wx = boxes[:, 2:3] - boxes[:, 0:1]
-    wy = boxes[:, 3:4] - boxes[:, 1:2]
-    gx = 2 * (xs[None] - boxes[:, 0:1]) / wx.clamp(min=1e-6) - 1  # (N, W)
-    gy = 2 * (ys[None] - boxes[:, 1:2]) / wy.clamp(min=1e-6) - 1  # (N, H)
+    sampled, inside = sample_windows(
+        windows[:, None], boxes, xs[None].expand(n, -1), ys[None].expand(n, -1)
+    )
+    sampled = sampled[:, 0]
+    if not torch.is_tensor(background):
+        background = torch.full_like(sampled, float(background))
+    return torch.where(inside, sampled, background)
+
+
+def sample_windows(windows: torch.Tensor, boxes: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor):
+    """Bilinear samples of (N, C, R, R) windows over ``boxes`` (N, 4) at the points
+    ``xs`` (N, W) x ``ys`` (N, H) (input pixels; outside a window, its border value).
+
+    Returns (samples (N, C, H, W), inside (N, H, W) bool: the point lies in the window).
+    """
+    n, height, width = windows.shape[0], ys.shape[1], xs.shape[1]
+    gx = 2 * (xs - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]).clamp(min=1e-6) - 1
+    gy = 2 * (ys - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]).clamp(min=1e-6) - 1
     grid = torch.stack(
         [gx[:, None, :].expand(n, height, width), gy[:, :, None].expand(n, height, width)], -1
     )
-    sampled = F.grid_sample(windows[:, None], grid, align_corners=False, padding_mode="border")
+    sampled = F.grid_sample(windows, grid, align_corners=False, padding_mode="border")
     inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
-    if not torch.is_tensor(background):
-        background = torch.full_like(sampled[:, 0], float(background))
-    return torch.where(inside, sampled[:, 0], background)
+    return sampled, inside
 
 
 def image_boxes(image_sizes, index: torch.Tensor) -> torch.Tensor:

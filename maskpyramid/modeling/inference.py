@@ -133,7 +133,8 @@ def pyramids_to_instances(
     # decisions on the level's grid, inside the image
     hv = -(-input_size[0] // int(stride))
     wv = -(-input_size[1] // int(stride))
-    binary = logits[:, :hv, :wv] > torch.logit(torch.tensor(mask_thresh)).item()
+    logit_thresh = torch.logit(torch.tensor(mask_thresh)).item()
+    binary = logits[:, :hv, :wv] > logit_thresh
     if nms == "matrix":
         scores = matrix_nms(binary, scores, matrix_sigma)
         keep = scores > score_thresh
@@ -157,10 +158,7 @@ def pyramids_to_instances(
         scores[:max_detections],
         classes[:max_detections],
     )
-    masks = (
-        logits_to_image(logits, stride, output_size, input_size)
-        > torch.logit(torch.tensor(mask_thresh)).item()
-    )
+    masks = logits_to_image(logits, stride, output_size, input_size) > logit_thresh
     if painted_output and len(masks):
         _, masks = paint(masks, 0.0)
     nonempty = masks.flatten(1).any(1)

@@ -27,7 +27,7 @@ from .losses import (
     per_pyramid_mask_loss,
     territory_penalty,
 )
-from .position import offset_channels, position_channels
+from .position import offset_channels, position_channels, window_cell_centres
 from .targets import feature_strides
 
 __all__ = ["MaskPyramid", "LevelRecord"]
@@ -179,7 +179,6 @@ class MaskPyramid(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
-        self._image_sizes = images.image_sizes
         features = self.backbone(images.tensor)
         feats = [features[f] for f in self.in_features]
         self._check_finite(feats, batched_inputs)
@@ -197,7 +196,7 @@ class MaskPyramid(nn.Module):
         targets = self._batch_targets(batched_inputs, feats, images.image_sizes)
         records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on, targets)
         losses = self.losses(records, cls_maps, targets, feats, images.image_sizes)
-        self._log_counts(records)
+        self._log_counts(records, len(batched_inputs))
         return losses
 
     def preprocess_image(self, batched_inputs):
@@ -357,7 +356,8 @@ class MaskPyramid(nn.Module):
         """Upsample each surviving pyramid to this level and refine it inside its window."""
         up = G.resample_to_grid(pyr.logits, prev_stride, size, stride)
         limits = G.image_boxes(sizes, pyr.batch)
-        probs = up.sigmoid() * valid[pyr.batch]
+        up_probs = up.sigmoid()
+        probs = up_probs * valid[pyr.batch]
         boxes, nonempty = G.support_boxes(
             probs, stride, self.mp.WINDOW_EPS, self.mp.WINDOW_MARGIN, limits
         )
@@ -368,7 +368,7 @@ class MaskPyramid(nn.Module):
         idx = torch.arange(len(pyr), device=f.device)
         pooled = self._windows(head.image_features(f), boxes, pyr.batch, stride)
         prev_win = self._windows(pyr.logits[:, None], boxes, idx, prev_stride)
-        cov = G.coverage(up.sigmoid(), pyr.batch, f.shape[0]) if self.extra >= 3 else None
+        cov = G.coverage(up_probs, pyr.batch, f.shape[0]) if self.extra >= 3 else None
         extras = torch.cat(
             [
                 prev_win.sigmoid(),
@@ -394,24 +394,11 @@ class MaskPyramid(nn.Module):
         )  # fmt: skip
 
     def _resample_hidden(self, hidden, old_boxes, new_boxes):
-        """The coarser level's head features, moved from the old window into the new one."""
-        r = self.window
-        t = (torch.arange(r, device=hidden.device, dtype=hidden.dtype) + 0.5) / r
-        xs = new_boxes[:, 0:1] + t[None] * (new_boxes[:, 2:3] - new_boxes[:, 0:1])
-        ys = new_boxes[:, 1:2] + t[None] * (new_boxes[:, 3:4] - new_boxes[:, 1:2])
-        gx = (
-            2 * (xs - old_boxes[:, 0:1]) / (old_boxes[:, 2:3] - old_boxes[:, 0:1]).clamp(min=1e-6)
-            - 1
-        )
-        gy = (
-            2 * (ys - old_boxes[:, 1:2]) / (old_boxes[:, 3:4] - old_boxes[:, 1:2]).clamp(min=1e-6)
-            - 1
-        )
-        n = hidden.shape[0]
-        grid = torch.stack([gx[:, None, :].expand(n, r, r), gy[:, :, None].expand(n, r, r)], -1)
-        return torch.nn.functional.grid_sample(
-            hidden, grid, align_corners=False, padding_mode="zeros"
-        )
+        """The coarser level's head features, moved from the old window into the new one
+        (zero where the new window reaches beyond the old)."""
+        xs, ys = window_cell_centres(new_boxes, self.window)
+        moved, inside = G.sample_windows(hidden, old_boxes, xs, ys)
+        return moved * inside[:, None]
 
     def _spawn(self, lvl, mask_lvl, f, base_init, head, cls_maps, iou_maps, valid, uncovered, pyr,
                sizes, targets):  # fmt: skip
@@ -651,13 +638,13 @@ class MaskPyramid(nn.Module):
             )
         if self.sem_seg_head is not None:
             out["loss_sem_seg"] = mp.SEM_SEG_LOSS_WEIGHT * self._sem_seg_loss(
-                feats, targets, records[-1]
+                feats, targets, records[-1], image_sizes
             )
         return out
 
     def _drowned(self, pyr, pos, gt, targets, inst_levels):
         """(P, H, W): pixels of instances rooted on finer levels than the pyramid's, not its own."""
-        B = int(targets["batch"].max()) + 1 if len(targets["batch"]) else 1
+        B = targets["positives"][0].shape[0]  # images in the batch
         n_levels = len(self.in_features)
         finer = gt.new_zeros(B, n_levels, *gt.shape[1:])
         for r in range(n_levels):  # levels only
@@ -681,7 +668,7 @@ class MaskPyramid(nn.Module):
         )
         return torch.nn.functional.mse_loss(pyr.iou_logits[pos].sigmoid(), iou)
 
-    def _sem_seg_loss(self, feats, targets, rec):
+    def _sem_seg_loss(self, feats, targets, rec, image_sizes):
         f = feats[rec.level]
         logits = self.sem_seg_head(f)
         B, C, H, W = logits.shape
@@ -689,20 +676,21 @@ class MaskPyramid(nn.Module):
         target = logits.new_zeros(B * C, H, W)
         if len(gt):
             target = G.coverage(gt, targets["batch"] * C + targets["classes"], B * C)
-        valid = G.valid_cells(self._image_sizes, rec.stride, H, W, self.device)
+        valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, target.view(B, C, H, W), reduction="none"
         )
         return (loss * valid[:, None]).sum() / (valid.sum() * C).clamp(min=1)
 
-    def _log_counts(self, records):
+    def _log_counts(self, records, num_images):
         try:
             storage = get_event_storage()
         except AssertionError:
             return
-        B = len(self._image_sizes)
         for rec in records:
-            storage.put_scalar(f"pyramids/{rec.name}", len(rec.pyramids) / B, smoothing_hint=True)
+            storage.put_scalar(
+                f"pyramids/{rec.name}", len(rec.pyramids) / num_images, smoothing_hint=True
+            )
 
     # ------------------------------------------------------------------ inference
     def inference(self, rec: LevelRecord, batched_inputs, image_sizes):
