@@ -115,6 +115,18 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # pyramid score: "root" (class probability at the root) or "maskiou" (times a predicted mask
     # IoU, mask-scoring style)
     mp.SCORE_MODE = "root"
+    # where a pyramid's class comes from: "root" (the dense head's class at its root) or "pooled"
+    # (a classifier over the FPN features and the pyramid's own mask, RoIAligned on the box of its
+    # final mask: what shapes' classes need, whose cues are at the outline, not at the centre).
+    # With "pooled", score = root objectness (max class probability at the root) x class
+    # probability; the dense head still ranks roots and spawns them.
+    mp.CLASS_HEAD = "root"
+    # "pooled": FPN levels it pools from (detectron2's ROIPooler level rule, canonical 224 px on
+    # the 4th stride-16 level), pooled resolution and fully connected layers
+    mp.CLASS_POOL_FEATURES = ["p2", "p3", "p4", "p5"]
+    mp.CLASS_POOL_RESOLUTION = 7
+    mp.CLASS_NUM_FC = 2
+    mp.CLASS_FC_DIM = 512
     # mask logits are soft-clamped to +-LOGIT_CLAMP (tanh), keeping sigmoids trainable; 0 = off
     mp.LOGIT_CLAMP = 12.0
 
@@ -135,6 +147,8 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     mp.FOCAL_GAMMA = 2.0
     mp.CLASS_LOSS_WEIGHT = 1.0
     mp.MASKIOU_LOSS_WEIGHT = 1.0
+    # "pooled" class head: cross-entropy on the ground-truth instances and the positive pyramids
+    mp.POOLED_CLASS_LOSS_WEIGHT = 1.0
     # auxiliary per-class semantic segmentation on the last level (YOLACT); 0 = off
     mp.SEM_SEG_LOSS_WEIGHT = 0.0
 

@@ -13,11 +13,14 @@ from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from detectron2.layers import Conv2d
+from detectron2.layers import Conv2d, ROIAlign, ShapeSpec
+from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
+from detectron2.structures import Boxes
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ScoreHead", "PyramidMaskHead", "SemSegHead"]
+__all__ = ["ScoreHead", "PyramidMaskHead", "PooledClassHead", "SemSegHead"]
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -129,6 +132,63 @@ class PyramidMaskHead(nn.Module):
         for conv in self.convs:
             x = F.relu(conv(x))
         return self.predictor(x), x
+
+
+class PooledClassHead(nn.Module):
+    """Classifies pyramids from what lies under their masks (``CLASS_HEAD: "pooled"``).
+
+    Each pyramid's box (from its mask) is pooled with detectron2's ``ROIAlign`` on the FPN level
+    that detectron2's ``ROIPooler`` rule picks for its size; the pyramid's own mask, pooled on
+    the same box, joins as one more channel (so an occluder inside the box is not the object);
+    detectron2's ``FastRCNNConvFCHead`` and a linear layer give class logits. No box regression.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        strides: List[int],
+        num_classes: int,
+        resolution: int,
+        num_fc: int,
+        fc_dim: int,
+    ):
+        super().__init__()
+        levels = [int(math.log2(s)) for s in strides]
+        if levels != list(range(levels[0], levels[0] + len(levels))):
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.CLASS_POOL_FEATURES must be consecutive FPN levels, got "
+                f"strides {strides}"
+            )
+        if num_fc < 1:
+            raise ValueError(f"MODEL.MASK_PYRAMID.CLASS_NUM_FC must be >= 1, got {num_fc}")
+        self.min_level, self.max_level = levels[0], levels[-1]
+        self.aligners = nn.ModuleList(
+            ROIAlign((resolution, resolution), 1.0 / s, 0, aligned=True) for s in strides
+        )
+        self.fc = FastRCNNConvFCHead(
+            ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
+            conv_dims=[],
+            fc_dims=[fc_dim] * num_fc,
+        )
+        self.cls_score = nn.Linear(fc_dim, num_classes)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.constant_(self.cls_score.bias, 0)
+
+    def forward(
+        self, features: List[torch.Tensor], rois: torch.Tensor, pooled_masks: torch.Tensor
+    ) -> torch.Tensor:
+        """features: the CLASS_POOL_FEATURES maps; rois: (K, 5) batch index and XYXY pixels;
+        pooled_masks: (K, 1, R, R) mask probabilities on the same boxes. Returns (K, C)."""
+        levels = assign_boxes_to_levels(
+            [Boxes(rois[:, 1:])], self.min_level, self.max_level, 224, 4
+        )
+        r = pooled_masks.shape[-1]
+        pooled = rois.new_zeros(len(rois), features[0].shape[1], r, r)
+        for lvl, (f, align) in enumerate(zip(features, self.aligners)):  # levels, not RoIs
+            idx = (levels == lvl).nonzero()[:, 0]
+            if len(idx):
+                pooled = pooled.index_put((idx,), align(f, rois[idx]))
+        return self.cls_score(self.fc(torch.cat([pooled, pooled_masks], 1)))
 
 
 class SemSegHead(nn.Module):

@@ -17,7 +17,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from . import growth as G
-from .heads import PyramidMaskHead, ScoreHead, SemSegHead
+from .heads import PooledClassHead, PyramidMaskHead, ScoreHead, SemSegHead
 from .inference import NMS_MODES, pyramids_to_instances
 from .losses import (
     MASK_LOSSES,
@@ -99,6 +99,7 @@ class MaskPyramid(nn.Module):
             "FIRST_LEVEL_ROOTS": ("all", "peaks"),
             "HEAD_SHARING": ("level", "shared"),
             "SCORE_MODE": ("root", "maskiou"),
+            "CLASS_HEAD": ("root", "pooled"),
             "MASK_LOSS": MASK_LOSSES,
             "NMS": NMS_MODES,
         }
@@ -148,6 +149,23 @@ class MaskPyramid(nn.Module):
         self.init_heads = nn.ModuleList(head(mp.INIT_CONVS, n_extra) for _ in range(n_heads))
         # the grow head also sees the pyramid's upsampled mask (probability)
         self.grow_heads = nn.ModuleList(head(mp.GROW_CONVS, n_extra + 1) for _ in range(n_heads))
+        self.class_head = None
+        if mp.CLASS_HEAD == "pooled":
+            for f in mp.CLASS_POOL_FEATURES:
+                if f not in shapes:
+                    raise ValueError(
+                        f"MODEL.MASK_PYRAMID.CLASS_POOL_FEATURES: '{f}' is not a backbone "
+                        f"output ({sorted(shapes)})"
+                    )
+            self.class_features = list(mp.CLASS_POOL_FEATURES)
+            self.class_head = PooledClassHead(
+                shapes[self.class_features[0]].channels,
+                [shapes[f].stride for f in self.class_features],
+                num_classes,
+                mp.CLASS_POOL_RESOLUTION,
+                mp.CLASS_NUM_FC,
+                mp.CLASS_FC_DIM,
+            )
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
         )
@@ -187,7 +205,7 @@ class MaskPyramid(nn.Module):
         cls_maps, iou_maps = self.score_head(score_levels)
         if not self.training:
             records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on)
-            return self.inference(records[-1], batched_inputs, images.image_sizes)
+            return self.inference(records[-1], batched_inputs, images.image_sizes, features)
         if "pyramid_targets" not in batched_inputs[0]:
             raise ValueError(
                 "MaskPyramid training inputs lack 'pyramid_targets': train with "
@@ -196,6 +214,10 @@ class MaskPyramid(nn.Module):
         targets = self._batch_targets(batched_inputs, feats, images.image_sizes)
         records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on, targets)
         losses = self.losses(records, cls_maps, targets, feats, images.image_sizes)
+        if self.class_head is not None:
+            losses["loss_cls_pooled"] = self.mp.POOLED_CLASS_LOSS_WEIGHT * self._pooled_class_loss(
+                records[-1], targets, features, images.image_sizes
+            )
         self._log_counts(records, len(batched_inputs))
         return losses
 
@@ -231,13 +253,14 @@ class MaskPyramid(nn.Module):
         """Pad the mapper's per-image targets to the batch's feature maps; index instances
         across the batch."""
         dev = self.device
-        offsets, classes, levels, batch = [], [], [], []
+        offsets, classes, levels, batch, boxes = [], [], [], [], []
         start = 0
         for b, x in enumerate(batched_inputs):
             t, inst = x["pyramid_targets"], x["instances"]
             n = len(inst)
             offsets.append(start)
             classes.append(inst.gt_classes.to(dev))
+            boxes.append(inst.gt_boxes.tensor.to(dev))
             levels.append(t["levels"].to(dev))
             batch.append(torch.full((n,), b, dtype=torch.long, device=dev))
             start += n
@@ -245,6 +268,7 @@ class MaskPyramid(nn.Module):
             "classes": torch.cat(classes),
             "levels": torch.cat(levels),
             "batch": torch.cat(batch),
+            "boxes": torch.cat(boxes),
             "positives": [],
             "masks": [],
         }
@@ -682,6 +706,57 @@ class MaskPyramid(nn.Module):
         )
         return (loss * valid[:, None]).sum() / (valid.sum() * C).clamp(min=1)
 
+    # ------------------------------------------------------------------ pooled classes
+    def _pooled_class_logits(self, features, probs, batch, boxes, stride):
+        """(K, C) class logits of masks ``probs`` (K, H, W) on a level of ``stride``, whose boxes
+        (K, 4) are in input pixels (CLASS_HEAD "pooled")."""
+        r = self.mp.CLASS_POOL_RESOLUTION
+        idx = torch.arange(len(probs), device=probs.device, dtype=boxes.dtype)
+        pooled_masks = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(
+            probs[:, None], torch.cat([idx[:, None], boxes], 1)
+        )
+        rois = torch.cat([batch[:, None].to(boxes.dtype), boxes], 1)
+        maps = [features[f] for f in self.class_features]
+        return self.class_head(maps, rois, pooled_masks)
+
+    def _mask_boxes(self, pyr, stride, sizes):
+        """Boxes of the pyramids' masks (probability > 0.5) in input pixels; a pyramid with an
+        empty mask gets the INIT_WINDOW box around its root."""
+        limits = G.image_boxes(sizes, pyr.batch)
+        probs = pyr.logits.detach().sigmoid()
+        boxes, nonempty = G.support_boxes(probs, stride, 0.5, 0, limits)
+        fallback = G.centred_boxes(
+            pyr.roots, torch.full_like(pyr.roots[:, 0], self.mp.INIT_WINDOW * stride), limits
+        )
+        return torch.where(nonempty[:, None], boxes, fallback), probs
+
+    def _pooled_class_loss(self, rec, targets, features, image_sizes):
+        """Cross-entropy of the pooled class head on every ground-truth instance (its box and
+        mask) and on every positive pyramid (the box and probabilities of its own mask)."""
+        pyr = rec.pyramids
+        pos = pyr.target >= 0
+        sizes = torch.as_tensor(image_sizes, device=self.device, dtype=torch.float32).view(-1, 2)
+        gt_masks = targets["masks"][rec.level]
+        probs, boxes, batch, labels = (
+            [gt_masks],
+            [targets["boxes"]],
+            [targets["batch"]],
+            [targets["classes"]],
+        )
+        if pos.any():
+            p_boxes, p_probs = self._mask_boxes(pyr[pos], rec.stride, sizes)
+            probs.append(p_probs)
+            boxes.append(p_boxes)
+            batch.append(pyr.batch[pos])
+            labels.append(targets["classes"][pyr.target[pos]])
+        labels = torch.cat(labels)
+        if not len(labels):
+            return sum(p.sum() for p in self.class_head.parameters()) * 0
+        logits = self._pooled_class_logits(
+            features, torch.cat(probs), torch.cat(batch), torch.cat(boxes), rec.stride
+        )
+        return torch.nn.functional.cross_entropy(logits, labels)
+
     def _log_counts(self, records, num_images):
         try:
             storage = get_event_storage()
@@ -693,17 +768,26 @@ class MaskPyramid(nn.Module):
             )
 
     # ------------------------------------------------------------------ inference
-    def inference(self, rec: LevelRecord, batched_inputs, image_sizes):
+    def inference(self, rec: LevelRecord, batched_inputs, image_sizes, features=None):
         mp = self.mp
         pyr = rec.pyramids
         scores = pyr.scores
         if mp.SCORE_MODE == "maskiou" and pyr.iou_logits is not None:
             scores = scores * pyr.iou_logits.sigmoid()
+        all_classes = pyr.cls_logits.argmax(1) if len(pyr) else pyr.batch
+        if self.class_head is not None and len(pyr):
+            sizes = torch.as_tensor(image_sizes, device=self.device, dtype=torch.float32)
+            boxes, probs = self._mask_boxes(pyr, rec.stride, sizes.view(-1, 2))
+            cls_probs = self._pooled_class_logits(
+                features, probs, pyr.batch, boxes, rec.stride
+            ).softmax(1)
+            class_prob, all_classes = cls_probs.max(1)
+            scores = scores * class_prob
         results = []
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             sel = pyr.batch == b
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
-            classes = pyr.cls_logits[sel].argmax(1) if sel.any() else pyr.batch[sel]
+            classes = all_classes[sel]
             inst = pyramids_to_instances(
                 pyr.logits[sel], scores[sel], classes,
                 rec.stride, tuple(size), out_size, mp.SCORE_THRESH_TEST, mp.MASK_THRESHOLD,

@@ -39,6 +39,10 @@ KNOBS = {
     "spawn_both_pseudo_0": mp(SPAWN_MODE="both", PSEUDO_WEIGHT=0.0),
     "growth_off": mp(GROWTH=False),
     "score_maskiou": mp(SCORE_MODE="maskiou"),
+    "class_pooled": mp(CLASS_HEAD="pooled"),
+    "class_pooled_maskiou_p3_p5": mp(
+        CLASS_HEAD="pooled", SCORE_MODE="maskiou", CLASS_POOL_FEATURES=["p3", "p4", "p5"]
+    ),
     "loss_bce": mp(MASK_LOSS="bce"),
     "no_feature_convs": mp(FEATURE_CONVS=0),
     "loss_l1": mp(MASK_LOSS="l1"),
@@ -171,6 +175,38 @@ def test_caps_bind_in_inference(mp_cfg):
     assert sum(int(r.num_pruned.sum()) for r in records[0]) > 0  # the caps did bind
 
 
+def test_pooled_class_head_gives_the_classes_and_scales_the_scores(mp_cfg):
+    cfg = mp_cfg(
+        "MODEL.MASK_PYRAMID.CLASS_HEAD", "pooled", "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = _one_batch(cfg)
+    with EventStorage(0):
+        losses = model(data)
+    assert losses["loss_cls_pooled"] > 0
+    head = model.class_head
+    losses["loss_cls_pooled"].backward()
+    assert head.cls_score.weight.grad.abs().sum() > 0
+    model.eval()
+    records = _capture_records(model)
+    with torch.no_grad():
+        head.cls_score.weight.zero_()
+        head.cls_score.bias.fill_(-10.0)
+        head.cls_score.bias[2] = 10.0  # the pooled head says: class 2, probability ~1
+        out = model(data)
+        head.cls_score.bias.zero_()  # now uniform: probability 1 / C
+        uniform = model(data)
+    pyr = records[0][-1].pyramids
+    assert len(pyr) and pyr.cls_logits.argmax(1).ne(2).any()  # the root disagrees somewhere
+    for o, u in zip(out, uniform):
+        inst = o["instances"]
+        assert len(inst) and (inst.pred_classes == 2).all()
+        # the same pyramids (the painting order is by score), scores divided by C
+        c = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES
+        assert torch.allclose(u["instances"].scores * c, inst.scores, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- bad input
 def _input(image, masks, image_id=7, classes=None):
     h, w = image.shape[-2:]
@@ -291,6 +327,25 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (["MODEL.MASK_PYRAMID.SIZE_RANGES", [[0, 10]]], "SIZE_RANGES"),
         (["MODEL.MASK_PYRAMID.STAGE_ITERS", [0, 1]], "STAGE_ITERS"),
         (["MODEL.MASK_PYRAMID.NMS", "soft"], "NMS"),
+        (["MODEL.MASK_PYRAMID.CLASS_HEAD", "box"], "CLASS_HEAD"),
+        (
+            [
+                "MODEL.MASK_PYRAMID.CLASS_HEAD",
+                "pooled",
+                "MODEL.MASK_PYRAMID.CLASS_POOL_FEATURES",
+                ["p2", "p9"],
+            ],
+            "CLASS_POOL_FEATURES",
+        ),
+        (
+            [
+                "MODEL.MASK_PYRAMID.CLASS_HEAD",
+                "pooled",
+                "MODEL.MASK_PYRAMID.CLASS_POOL_FEATURES",
+                ["p2", "p4"],
+            ],
+            "CLASS_POOL_FEATURES",
+        ),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
