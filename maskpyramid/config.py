@@ -35,6 +35,10 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # False: the single-level reference (SOLO-like): every root of the first level predicts its
     # whole mask directly on the last level with the mask-init head; no growth, no spawning
     mp.GROWTH = True
+    # finer FPN levels after IN_FEATURES where the pyramids only grow (no roots spawn there, no
+    # scores): the resolution the final masks are read out at, e.g. ["p2"] (stride 4); [] = the
+    # last level of IN_FEATURES. STAGE_ITERS and LEVEL_LOSS_WEIGHTS count these levels too.
+    mp.READOUT_FEATURES = []
     # iteration from which each level of IN_FEATURES is trained (staged training, coarse levels
     # first); before it, growth stops at the previous level. [] = every level from the start
     mp.STAGE_ITERS = []

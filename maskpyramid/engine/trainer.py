@@ -28,6 +28,7 @@ from detectron2.data.build import build_batch_data_loader
 from detectron2.data.common import DatasetFromList
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -117,7 +118,13 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
+        model = create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            # MaskPyramid: which heads get a gradient depends on the batch (no positive on a
+            # level, staged levels, the unused grow head of the first level)
+            find_unused_parameters=getattr(model, "has_unused_parameters", False),
+        )
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -151,6 +158,30 @@ class Trainer(DefaultTrainer):
             aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer. Per-parameter gradient clipping by value (SOLVER.CLIP_GRADIENTS,
+        CLIP_TYPE "value") skips parameters that got no gradient this step: torch's
+        ``clip_grad_value_`` fails on them, and a model whose heads depend on the batch has
+        some (MaskPyramid: a level without pyramids)."""
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if not (clip.ENABLED and clip.CLIP_TYPE == "value"):
+            return super().build_optimizer(cfg, model)
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+        optimizer = super().build_optimizer(cfg, model)
+        value = clip.CLIP_VALUE
+
+        def clip_value(p):
+            if p.grad is not None:
+                torch.nn.utils.clip_grad_value_(p, value)
+
+        optimizer.__class__ = _generate_optimizer_class_with_gradient_clipping(
+            type(optimizer), per_param_clipper=clip_value
+        )
+        return optimizer
 
     @classmethod
     def build_train_mapper(cls, cfg):

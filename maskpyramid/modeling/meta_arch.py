@@ -4,6 +4,7 @@ Reading order: ``forward`` -> ``grow`` (one ``_level`` per FPN level: grow the p
 survive, spawn new roots, give them masks, prune, cap) -> ``losses`` or ``inference``.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -54,12 +55,16 @@ class LevelRecord:
 class MaskPyramid(nn.Module):
     """Anchor-free, box-free instance segmentation by growing mask pyramids on an FPN."""
 
+    # which heads get a gradient depends on the batch (DDP's find_unused_parameters)
+    has_unused_parameters = True
+
     @configurable
     def __init__(
         self,
         *,
         backbone,
         in_features: List[str],
+        readout_features: List[str],
         num_classes: int,
         pixel_mean,
         pixel_std,
@@ -67,22 +72,29 @@ class MaskPyramid(nn.Module):
     ):
         super().__init__()
         self.backbone = backbone
-        self.in_features = list(in_features)
+        self.in_features = list(in_features)  # root levels: pyramids spawn and grow
+        self.readout_features = list(readout_features)  # finer levels: pyramids only grow
+        self.mask_features = self.in_features + self.readout_features
         shapes = backbone.output_shape()
-        for f in self.in_features:
-            if f not in shapes:
-                raise ValueError(
-                    f"MODEL.MASK_PYRAMID.IN_FEATURES: '{f}' is not a backbone output "
-                    f"({sorted(shapes)})"
-                )
-        self.strides = feature_strides(self.in_features)
-        for f, s in zip(self.in_features, self.strides):
+        for key, names in (
+            ("IN_FEATURES", self.in_features),
+            ("READOUT_FEATURES", self.readout_features),
+        ):
+            for f in names:
+                if f not in shapes:
+                    raise ValueError(
+                        f"MODEL.MASK_PYRAMID.{key}: '{f}' is not a backbone output "
+                        f"({sorted(shapes)})"
+                    )
+        self.strides = feature_strides(self.mask_features, "IN_FEATURES + READOUT_FEATURES")
+        for f, s in zip(self.mask_features, self.strides):
             if shapes[f].stride != s:
                 raise ValueError(f"backbone level {f} has stride {shapes[f].stride}, not {s}")
         channels = shapes[self.in_features[0]].channels
         self.num_classes = num_classes
         self.growth = bool(mp.GROWTH)
-        n_levels = len(self.in_features)
+        n_levels = len(self.mask_features)
+        self.n_root = len(self.in_features)
         self.stage_iters = list(mp.STAGE_ITERS) or [0] * n_levels
         self.level_weights = list(mp.LEVEL_LOSS_WEIGHTS) or [1.0] * n_levels
         for key, value in (
@@ -91,8 +103,8 @@ class MaskPyramid(nn.Module):
         ):
             if len(value) != n_levels:
                 raise ValueError(
-                    f"MODEL.MASK_PYRAMID.{key} needs one value per level of IN_FEATURES "
-                    f"({n_levels}), got {value}"
+                    f"MODEL.MASK_PYRAMID.{key} needs one value per level of IN_FEATURES + "
+                    f"READOUT_FEATURES ({n_levels}), got {value}"
                 )
         choices = {
             "SPAWN_MODE": ("peaks", "uncovered", "both"),
@@ -132,7 +144,7 @@ class MaskPyramid(nn.Module):
             channels, num_classes, mp.SCORE_CONVS, mp.SCORE_MODE == "maskiou"
         )
         out_ch = num_classes if mp.CLASS_SPECIFIC_MASKS else 1
-        n_heads = 1 if mp.HEAD_SHARING == "shared" else n_levels
+        shared = mp.HEAD_SHARING == "shared"
 
         def head(convs, extra):
             return PyramidMaskHead(
@@ -146,9 +158,15 @@ class MaskPyramid(nn.Module):
                 mp.FEATURE_CONVS,
             )
 
-        self.init_heads = nn.ModuleList(head(mp.INIT_CONVS, n_extra) for _ in range(n_heads))
+        # one init head per root level, one grow head per level (that of the first level is not
+        # used: nothing grows into it), or one of each shared by all levels
+        self.init_heads = nn.ModuleList(
+            head(mp.INIT_CONVS, n_extra) for _ in range(1 if shared else self.n_root)
+        )
         # the grow head also sees the pyramid's upsampled mask (probability)
-        self.grow_heads = nn.ModuleList(head(mp.GROW_CONVS, n_extra + 1) for _ in range(n_heads))
+        self.grow_heads = nn.ModuleList(
+            head(mp.GROW_CONVS, n_extra + 1) for _ in range(1 if shared else n_levels)
+        )
         self.class_head = None
         if mp.CLASS_HEAD == "pooled":
             for f in mp.CLASS_POOL_FEATURES:
@@ -184,6 +202,7 @@ class MaskPyramid(nn.Module):
         return {
             "backbone": build_backbone(cfg),
             "in_features": mp.IN_FEATURES,
+            "readout_features": mp.READOUT_FEATURES,
             "num_classes": mp.NUM_CLASSES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -198,10 +217,10 @@ class MaskPyramid(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        feats = [features[f] for f in self.in_features]
+        feats = [features[f] for f in self.mask_features]
         self._check_finite(feats, batched_inputs)
         n_on = self._levels_on() if self.training else len(feats)
-        score_levels = feats[:n_on] if self.growth else feats[:1]
+        score_levels = feats[: min(n_on, self.n_root)] if self.growth else feats[:1]
         cls_maps, iou_maps = self.score_head(score_levels)
         if not self.training:
             records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on)
@@ -228,7 +247,7 @@ class MaskPyramid(nn.Module):
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def _check_finite(self, feats, batched_inputs):
-        for name, f in zip(self.in_features, feats):
+        for name, f in zip(self.mask_features, feats):
             if not torch.isfinite(f).all():
                 bad = (~torch.isfinite(f)).flatten(1).any(1).nonzero()[:, 0].tolist()
                 ids = [
@@ -304,11 +323,39 @@ class MaskPyramid(nn.Module):
             stride = self.strides[mask_lvl]
             H, W = f.shape[-2:]
             valid = G.valid_cells(image_sizes, stride, H, W, f.device)
-            init_head = self._head(self.init_heads, mask_lvl)
-            base_init = init_head.image_features(f)
             uncovered = None
             if pyr is not None and not len(pyr):
                 pyr = None  # every pyramid pruned: finer levels start afresh
+            if lvl >= self.n_root:  # a read-out level: the pyramids only grow
+                if pyr is None:
+                    pyr = dataclasses.replace(
+                        records[-1].pyramids[:0],
+                        logits=f.new_zeros(0, H, W),
+                        territory=torch.zeros(0, H, W, dtype=torch.bool, device=f.device),
+                    )
+                else:
+                    prev_stride = self.strides[records[-1].level]
+                    pyr = self._grow_existing(
+                        pyr, f, self._head(self.grow_heads, mask_lvl), prev_stride, stride,
+                        (H, W), valid, sizes,
+                    )  # fmt: skip
+                pyr, pruned, pruned_idx = self._prune(pyr, valid, B)
+                records.append(
+                    LevelRecord(
+                        name=self.mask_features[mask_lvl],
+                        level=mask_lvl,
+                        stride=stride,
+                        pyramids=pyr,
+                        spawned=pyr.batch.new_zeros(0, 3),
+                        uncovered=None,
+                        num_pruned=pruned,
+                        pruned_masks=pruned_idx[0] if pruned_idx else None,
+                        pruned_batch=pruned_idx[1] if pruned_idx else None,
+                    )
+                )
+                continue
+            init_head = self._head(self.init_heads, min(mask_lvl, self.n_root - 1))
+            base_init = init_head.image_features(f)
             if pyr is not None:
                 grow_head = self._head(self.grow_heads, mask_lvl)
                 prev_stride = self.strides[records[-1].level]
@@ -339,7 +386,7 @@ class MaskPyramid(nn.Module):
             pyr, pruned, pruned_idx = self._prune(pyr, valid, B)
             records.append(
                 LevelRecord(
-                    name=self.in_features[mask_lvl],
+                    name=self.mask_features[mask_lvl],
                     level=mask_lvl,
                     stride=stride,
                     pyramids=pyr,

@@ -26,19 +26,19 @@ __all__ = [
 ]
 
 
-def feature_strides(names: Sequence[str]) -> List[int]:
+def feature_strides(names: Sequence[str], key: str = "IN_FEATURES") -> List[int]:
     """Strides of detectron2 FPN levels from their names (``p{k}`` has stride ``2**k``)."""
     strides = []
     for name in names:
         m = re.fullmatch(r"p(\d+)", name)
         if m is None:
             raise ValueError(
-                f"MODEL.MASK_PYRAMID.IN_FEATURES: '{name}' is not an FPN level name 'p<k>' "
+                f"MODEL.MASK_PYRAMID.{key}: '{name}' is not an FPN level name 'p<k>' "
                 "(stride 2**k)"
             )
         strides.append(2 ** int(m.group(1)))
     if any(a <= b for a, b in zip(strides, strides[1:])):
-        raise ValueError(f"MODEL.MASK_PYRAMID.IN_FEATURES must go coarse to fine, got {names}")
+        raise ValueError(f"MODEL.MASK_PYRAMID.{key} must go coarse to fine, got {list(names)}")
     return strides
 
 
@@ -46,18 +46,23 @@ def feature_strides(names: Sequence[str]) -> List[int]:
 class TargetParams:
     """The config keys target preparation reads (picklable, for data-loader workers)."""
 
-    strides: tuple
+    strides: tuple  # of the root levels (IN_FEATURES)
     size_ranges: tuple  # one (low, high) per level, pixels of sqrt(box area)
     assign_mode: str = "center"
     center_radius: float = 1.5
     atss_topk: int = 9
     atss_scale: float = 4.0
     one_positive: bool = False
+    readout_strides: tuple = ()  # READOUT_FEATURES: mask targets only, no roots
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> "TargetParams":
         mp = cfg.MODEL.MASK_PYRAMID
-        strides = feature_strides(mp.IN_FEATURES)
+        n_root = len(mp.IN_FEATURES)
+        all_strides = feature_strides(
+            list(mp.IN_FEATURES) + list(mp.READOUT_FEATURES), "IN_FEATURES + READOUT_FEATURES"
+        )
+        strides, readout = all_strides[:n_root], all_strides[n_root:]
         ranges = [tuple(float(v) for v in r) for r in mp.SIZE_RANGES]
         if not mp.GROWTH:
             # the single-level reference: every instance is rooted on the first level
@@ -79,6 +84,7 @@ class TargetParams:
             atss_topk=int(mp.ATSS_TOPK),
             atss_scale=float(mp.ATSS_SCALE),
             one_positive=bool(mp.ONE_POSITIVE_PER_LEVEL),
+            readout_strides=tuple(readout),
         )
 
 
@@ -208,8 +214,10 @@ def prepare_pyramid_targets(instances: Instances, params: TargetParams) -> Dict:
     """The per-level targets of one image (what ``MaskPyramidDatasetMapper`` adds to its dict).
 
     Returns a dict with
-        masks: per level, (N, hl, wl) float16 masks on the level's grid;
-        positives: per level, (hl, wl) int64 map of positive roots (instance index or -1);
+        masks: per level (root levels, then read-out levels), (N, hl, wl) float16 masks on the
+            level's grid;
+        positives: per level, (hl, wl) int64 map of positive roots (instance index or -1; all -1
+            on read-out levels);
         levels: (N,) int64, the coarsest level where the instance has a positive root (-1: none,
             e.g. an empty mask; such an instance is only ever a region other pyramids must avoid).
     """
@@ -221,7 +229,9 @@ def prepare_pyramid_targets(instances: Instances, params: TargetParams) -> Dict:
         gt_masks = BitMasks.from_polygon_masks(gt_masks, h, w)
     masks = gt_masks.tensor.bool()
     n = masks.shape[0]
-    level_masks = resample_masks(masks, params.strides)
+    level_masks = resample_masks(masks, params.strides + params.readout_strides)
+    readout_masks = level_masks[len(params.strides) :]
+    level_masks = level_masks[: len(params.strides)]
     areas = masks.flatten(1).sum(1).float()
     boxes = BitMasks(masks).get_bounding_boxes().tensor if n else torch.zeros(0, 4)
     ys = torch.arange(h, dtype=torch.float32) + 0.5
@@ -235,8 +245,9 @@ def prepare_pyramid_targets(instances: Instances, params: TargetParams) -> Dict:
     for lvl in reversed(range(len(positives))):
         owners = positives[lvl][positives[lvl] >= 0].unique()
         levels[owners] = lvl
+    positives = positives + [torch.full(m.shape[1:], -1, dtype=torch.long) for m in readout_masks]
     return {
-        "masks": [m.half() for m in level_masks],
+        "masks": [m.half() for m in level_masks + readout_masks],
         "positives": positives,
         "levels": levels,
     }

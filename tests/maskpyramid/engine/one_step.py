@@ -4,6 +4,8 @@ Usage: python one_step.py NUM_PROCESSES DATA_ROOT OUTPUT_DIR [NUM_MACHINES MACHI
 Used by test_launch.py: N processes and 1 process, same total batch and seed, must end with the
 same parameters. (Mask R-CNN itself is not such a model: its RoI sampling is random per process
 and its mask loss is averaged over a number of RoIs that differs between processes.)
+With ONE_STEP_MODEL=MaskPyramid it trains a tiny MaskPyramid instead (with gradient clipping by
+value), whose heads get gradients depending on the batch.
 """
 
 import os
@@ -20,7 +22,7 @@ from torch import nn
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 sys.path.insert(0, REPO)
-from maskpyramid.config import add_maskpyramid_config  # noqa: E402
+from maskpyramid.config import add_maskpyramid_config, resolve_num_classes  # noqa: E402
 from maskpyramid.data.shapes import register_shapes  # noqa: E402
 from maskpyramid.engine import Trainer, launch  # noqa: E402
 from tests.conftest import TINY_SPEC, TINY_SPLITS  # noqa: E402
@@ -65,6 +67,16 @@ def run(root, output_dir):
         "SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 0.5, "SOLVER.WARMUP_ITERS", 0,
         "SOLVER.MAX_ITER", 2, "SOLVER.STEPS", (), "SEED", 7, "OUTPUT_DIR", output_dir,
     ])  # fmt: skip
+    if os.environ.get("ONE_STEP_MODEL") == "MaskPyramid":
+        from tests.maskpyramid.modeling.test_meta_arch import TINY
+
+        cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "mask_pyramid_R_18_FPN.yaml"))
+        cfg.merge_from_list(TINY + [
+            "SOLVER.BASE_LR", 0.01, "SOLVER.MAX_ITER", 2, "SOLVER.STEPS", (),
+            "SOLVER.WARMUP_ITERS", 0, "SOLVER.CLIP_GRADIENTS.ENABLED", True,
+            "MODEL.MASK_PYRAMID.READOUT_FEATURES", ["p2"],
+        ])  # fmt: skip
+        resolve_num_classes(cfg)
     cfg.freeze()
     with open(os.path.join(output_dir, f"rank{comm.get_rank()}_of_{comm.get_world_size()}"), "w"):
         pass

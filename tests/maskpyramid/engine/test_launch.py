@@ -11,10 +11,10 @@ from detectron2.engine.launch import _find_free_port
 SCRIPT = os.path.join(os.path.dirname(__file__), "one_step.py")
 
 
-def _train(num_processes, root, output_dir, *machine):
+def _train(num_processes, root, output_dir, *machine, env=None):
     proc = subprocess.run(
         [sys.executable, SCRIPT, str(num_processes), root, str(output_dir), *machine],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(output_dir / "model_final.pth", map_location="cpu", weights_only=False)
@@ -54,3 +54,12 @@ def test_two_machines_of_one_process_equal_one_process(one_process, tiny_shapes,
     finally:
         machine1.kill()
     _assert_same_weights(one_process, two)
+
+
+def test_mask_pyramid_trains_in_two_processes_with_gradient_clipping(tiny_shapes, tmp_path):
+    """Some of MaskPyramid's heads get no gradient in a step (the first level's grow head, a
+    level without pyramids): DDP must be told, and clipping by value must skip them."""
+    env = dict(os.environ, ONE_STEP_MODEL="MaskPyramid")
+    two = _train(2, tiny_shapes, tmp_path, env=env)
+    assert two["iteration"] == 1
+    assert any(k.startswith("grow_heads.") for k in two["model"])

@@ -40,6 +40,11 @@ KNOBS = {
     "growth_off": mp(GROWTH=False),
     "score_maskiou": mp(SCORE_MODE="maskiou"),
     "class_pooled": mp(CLASS_HEAD="pooled"),
+    "readout_p2": mp(READOUT_FEATURES=["p2"]),
+    "readout_p2_growth_off": mp(READOUT_FEATURES=["p2"], GROWTH=False),
+    "readout_p2_shared_pooled": mp(
+        READOUT_FEATURES=["p2"], HEAD_SHARING="shared", CLASS_HEAD="pooled"
+    ),
     "class_pooled_maskiou_p3_p5": mp(
         CLASS_HEAD="pooled", SCORE_MODE="maskiou", CLASS_POOL_FEATURES=["p3", "p4", "p5"]
     ),
@@ -115,9 +120,11 @@ def test_knob_trains_and_infers(mp_cfg, knob):
     assert torch.isfinite(total) and total.requires_grad
     total.backward()
     assert all(k.startswith("loss_") for k in losses)
-    if knob not in ("growth_off", "staged"):  # staged: p4 and p3 start later
+    if "growth_off" not in knob and knob != "staged":  # staged: p4 and p3 start later
         for name in ("p6", "p5", "p4", "p3"):
             assert f"loss_mask_{name}" in losses  # level losses reported separately
+    if "readout_p2" in knob:
+        assert "loss_mask_p2" in losses
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.eval()
@@ -158,6 +165,25 @@ def test_positives_are_never_pruned_in_training(mp_cfg):
     n_pos = sum(int((x["pyramid_targets"]["levels"] >= 0).sum()) for x in data)
     last = records[0][-1].pyramids
     assert (last.target >= 0).all() and len(last.target.unique()) == n_pos
+
+
+def test_readout_level_grows_the_pyramids_without_spawning(mp_cfg):
+    cfg = mp_cfg(
+        "MODEL.MASK_PYRAMID.READOUT_FEATURES", ["p2"], "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0
+    )
+    model = build_model(cfg).eval()
+    data = _one_batch(cfg)
+    records = _capture_records(model)
+    with torch.no_grad():
+        out = model(data)
+    p3, p2 = records[0][-2], records[0][-1]
+    assert [r.name for r in records[0]] == ["p6", "p5", "p4", "p3", "p2"]
+    assert p2.stride == 4 and len(p2.spawned) == 0
+    h, w = data[0]["image"].shape[-2:]
+    assert p2.pyramids.logits.shape[-2:] == (-(-h // 4), -(-w // 4))
+    # the same pyramids as on p3 (none spawned; pruning may only drop some), in the same order
+    assert len(p2.pyramids) + int(p2.num_pruned.sum()) == len(p3.pyramids)
+    assert sum(len(o["instances"]) for o in out) <= len(p2.pyramids)
 
 
 def test_caps_bind_in_inference(mp_cfg):
@@ -287,9 +313,11 @@ def test_image_smaller_than_the_coarsest_stride(mp_cfg, size):
     assert out[0]["instances"].pred_masks.shape[1:] == (h, w)
 
 
-def test_every_pyramid_pruned_gives_empty_output(mp_cfg):
+@pytest.mark.parametrize("readout", [[], ["p2"]])
+def test_every_pyramid_pruned_gives_empty_output(mp_cfg, readout):
     cfg = mp_cfg("MODEL.MASK_PYRAMID.LOW_THRESHOLD", 1.0, "MODEL.MASK_PYRAMID.PEAK_THRESHOLD", 1.0,
-                 "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0)  # fmt: skip
+                 "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0,
+                 "MODEL.MASK_PYRAMID.READOUT_FEATURES", readout)  # fmt: skip
     model = build_model(cfg).eval()
     records = _capture_records(model)
     with torch.no_grad():
@@ -328,6 +356,17 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (["MODEL.MASK_PYRAMID.STAGE_ITERS", [0, 1]], "STAGE_ITERS"),
         (["MODEL.MASK_PYRAMID.NMS", "soft"], "NMS"),
         (["MODEL.MASK_PYRAMID.CLASS_HEAD", "box"], "CLASS_HEAD"),
+        (["MODEL.MASK_PYRAMID.READOUT_FEATURES", ["p4"]], "READOUT_FEATURES"),
+        (["MODEL.MASK_PYRAMID.READOUT_FEATURES", ["p1"]], "READOUT_FEATURES"),
+        (
+            [
+                "MODEL.MASK_PYRAMID.READOUT_FEATURES",
+                ["p2"],
+                "MODEL.MASK_PYRAMID.STAGE_ITERS",
+                [0, 0, 0, 0],
+            ],
+            "STAGE_ITERS",
+        ),
         (
             [
                 "MODEL.MASK_PYRAMID.CLASS_HEAD",
