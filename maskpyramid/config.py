@@ -126,10 +126,13 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # probability; the dense head still ranks roots and spawns them.
     mp.CLASS_HEAD = "root"
     # "pooled": FPN levels it pools from (detectron2's ROIPooler level rule, canonical 224 px on
-    # the 4th stride-16 level), pooled resolution and fully connected layers
+    # the 4th stride-16 level), pooled resolution, 3x3 convs with GroupNorm, fully connected
+    # layers
     mp.CLASS_POOL_FEATURES = ["p2", "p3", "p4", "p5"]
     mp.CLASS_POOL_RESOLUTION = 7
-    mp.CLASS_NUM_FC = 2
+    mp.CLASS_NUM_CONV = 2
+    mp.CLASS_CONV_DIM = 128
+    mp.CLASS_NUM_FC = 1
     mp.CLASS_FC_DIM = 512
     # mask logits are soft-clamped to +-LOGIT_CLAMP (tanh), keeping sigmoids trainable; 0 = off
     mp.LOGIT_CLAMP = 12.0

@@ -140,7 +140,10 @@ class PooledClassHead(nn.Module):
     Each pyramid's box (from its mask) is pooled with detectron2's ``ROIAlign`` on the FPN level
     that detectron2's ``ROIPooler`` rule picks for its size; the pyramid's own mask, pooled on
     the same box, joins as one more channel (so an occluder inside the box is not the object);
-    detectron2's ``FastRCNNConvFCHead`` and a linear layer give class logits. No box regression.
+    detectron2's ``FastRCNNConvFCHead`` (3x3 convs with GroupNorm, then fully connected layers)
+    and a linear layer give class logits. No box regression. The GroupNorm matters: on the raw
+    FPN features of a from-scratch backbone, fully connected layers alone diverged at a learning
+    rate of 0.02 (shapes, about 120 iterations).
     """
 
     def __init__(
@@ -149,6 +152,8 @@ class PooledClassHead(nn.Module):
         strides: List[int],
         num_classes: int,
         resolution: int,
+        num_conv: int,
+        conv_dim: int,
         num_fc: int,
         fc_dim: int,
     ):
@@ -159,16 +164,20 @@ class PooledClassHead(nn.Module):
                 "MODEL.MASK_PYRAMID.CLASS_POOL_FEATURES must be consecutive FPN levels, got "
                 f"strides {strides}"
             )
-        if num_fc < 1:
-            raise ValueError(f"MODEL.MASK_PYRAMID.CLASS_NUM_FC must be >= 1, got {num_fc}")
+        if num_fc < 1 or num_conv < 0:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.CLASS_NUM_FC must be >= 1 and CLASS_NUM_CONV >= 0, got "
+                f"{num_fc} and {num_conv}"
+            )
         self.min_level, self.max_level = levels[0], levels[-1]
         self.aligners = nn.ModuleList(
             ROIAlign((resolution, resolution), 1.0 / s, 0, aligned=True) for s in strides
         )
         self.fc = FastRCNNConvFCHead(
             ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
-            conv_dims=[],
+            conv_dims=[conv_dim] * num_conv,
             fc_dims=[fc_dim] * num_fc,
+            conv_norm="GN",
         )
         self.cls_score = nn.Linear(fc_dim, num_classes)
         nn.init.normal_(self.cls_score.weight, std=0.01)

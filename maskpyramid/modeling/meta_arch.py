@@ -181,6 +181,8 @@ class MaskPyramid(nn.Module):
                 [shapes[f].stride for f in self.class_features],
                 num_classes,
                 mp.CLASS_POOL_RESOLUTION,
+                mp.CLASS_NUM_CONV,
+                mp.CLASS_CONV_DIM,
                 mp.CLASS_NUM_FC,
                 mp.CLASS_FC_DIM,
             )
