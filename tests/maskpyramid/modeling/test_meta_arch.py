@@ -74,8 +74,9 @@ KNOBS = {
     "rho_2": mp(POSITION_RHO=2.0),
     "offsets": mp(POSITION_OFFSETS=8.0, EXTRA_CHANNELS=3),
     "no_logit_clamp": mp(LOGIT_CLAMP=0.0),
-    "level_weights": mp(LEVEL_LOSS_WEIGHTS=[2.0, 1.0, 1.0, 0.5]),
-    "staged": mp(STAGE_ITERS=[0, 0, 5, 10]),
+    # one value per level: p6 p5 p4 p3 and the read-out p2
+    "level_weights": mp(LEVEL_LOSS_WEIGHTS=[2.0, 1.0, 1.0, 0.5, 0.5]),
+    "staged": mp(STAGE_ITERS=[0, 0, 5, 10, 12]),
     "painted_no_dedup": mp(PAINTED_OUTPUT=True, MIN_KEPT_FRACTION=0.0),
     "caps": mp(MAX_PYRAMIDS=2, MAX_PSEUDO=1, SPAWN_MODE="both"),
 }
@@ -143,7 +144,7 @@ def test_knob_trains_and_infers(mp_cfg, knob):
 
 
 def test_staged_training_switches_levels_on_by_iteration(mp_cfg):
-    cfg = mp_cfg("MODEL.MASK_PYRAMID.STAGE_ITERS", [0, 0, 5, 10])
+    cfg = mp_cfg("MODEL.MASK_PYRAMID.STAGE_ITERS", [0, 0, 5, 10, 12])
     model = build_model(cfg)
     data = _one_batch(cfg)
     with EventStorage(0):
@@ -152,7 +153,10 @@ def test_staged_training_switches_levels_on_by_iteration(mp_cfg):
     with EventStorage(7):
         assert "loss_mask_p4" in model(data) and "loss_mask_p3" not in model(data)
     with EventStorage(10):
-        assert "loss_mask_p3" in model(data)
+        losses = model(data)
+        assert "loss_mask_p3" in losses and "loss_mask_p2" not in losses
+    with EventStorage(12):
+        assert "loss_mask_p2" in model(data)
 
 
 def test_positives_are_never_pruned_in_training(mp_cfg):
