@@ -328,63 +328,34 @@ class MaskPyramid(nn.Module):
             uncovered = None
             if pyr is not None and not len(pyr):
                 pyr = None  # every pyramid pruned: finer levels start afresh
-            if lvl >= self.n_root:  # a read-out level: the pyramids only grow
-                if pyr is None:
-                    pyr = dataclasses.replace(
-                        records[-1].pyramids[:0],
-                        logits=f.new_zeros(0, H, W),
-                        territory=torch.zeros(0, H, W, dtype=torch.bool, device=f.device),
-                    )
-                else:
-                    prev_stride = self.strides[records[-1].level]
-                    pyr = self._grow_existing(
-                        pyr, f, self._head(self.grow_heads, mask_lvl), prev_stride, stride,
-                        (H, W), valid, sizes,
-                    )  # fmt: skip
-                pyr, pruned, pruned_idx = self._prune(pyr, valid, B)
-                records.append(
-                    LevelRecord(
-                        name=self.mask_features[mask_lvl],
-                        level=mask_lvl,
-                        stride=stride,
-                        pyramids=pyr,
-                        spawned=pyr.batch.new_zeros(0, 3),
-                        uncovered=None,
-                        num_pruned=pruned,
-                        pruned_masks=pruned_idx[0] if pruned_idx else None,
-                        pruned_batch=pruned_idx[1] if pruned_idx else None,
-                    )
-                )
-                continue
-            init_head = self._head(self.init_heads, min(mask_lvl, self.n_root - 1))
-            base_init = init_head.image_features(f)
             if pyr is not None:
-                grow_head = self._head(self.grow_heads, mask_lvl)
-                prev_stride = self.strides[records[-1].level]
                 pyr = self._grow_existing(
-                    pyr, f, grow_head, prev_stride, stride, (H, W), valid, sizes
+                    pyr, f, self._head(self.grow_heads, mask_lvl),
+                    self.strides[records[-1].level], stride, (H, W), valid, sizes,
+                )  # fmt: skip
+            spawned = None
+            if lvl < self.n_root:  # a root level: new roots spawn
+                init_head = self._head(self.init_heads, min(mask_lvl, self.n_root - 1))
+                base_init = init_head.image_features(f)
+                if lvl > 0 and self.spawn_mode in ("uncovered", "both"):
+                    if pyr is None:
+                        uncovered = valid.clone()
+                    else:
+                        cov = G.coverage(pyr.logits.sigmoid(), pyr.batch, B)
+                        uncovered = (cov < self.mp.LOW_THRESHOLD) & valid
+                new, spawned = self._spawn(
+                    lvl, mask_lvl, f, base_init, init_head, cls_maps, iou_maps, valid,
+                    uncovered, pyr, sizes, targets,
+                )  # fmt: skip
+                pyr = G.Pyramids.cat([pyr, new]) if pyr is not None else new
+            elif pyr is None:  # a read-out level after every pyramid was pruned
+                pyr = dataclasses.replace(
+                    records[-1].pyramids[:0],
+                    logits=f.new_zeros(0, H, W),
+                    territory=torch.zeros(0, H, W, dtype=torch.bool, device=f.device),
                 )
-            if lvl > 0 and self.spawn_mode in ("uncovered", "both"):
-                if pyr is None:
-                    uncovered = valid.clone()
-                else:
-                    cov = G.coverage(pyr.logits.sigmoid(), pyr.batch, B)
-                    uncovered = (cov < self.mp.LOW_THRESHOLD) & valid
-            new, spawned = self._spawn(
-                lvl,
-                mask_lvl,
-                f,
-                base_init,
-                init_head,
-                cls_maps,
-                iou_maps,
-                valid,
-                uncovered,
-                pyr,
-                sizes,
-                targets,
-            )
-            pyr = G.Pyramids.cat([pyr, new]) if pyr is not None else new
+            if spawned is None:  # read-out levels only grow
+                spawned = pyr.batch.new_zeros(0, 3)
             pyr, pruned, pruned_idx = self._prune(pyr, valid, B)
             records.append(
                 LevelRecord(
