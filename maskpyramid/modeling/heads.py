@@ -13,8 +13,8 @@ from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from detectron2.layers import Conv2d, ROIAlign, ShapeSpec
-from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.structures import Boxes
 from torch import nn
@@ -137,8 +137,8 @@ class PyramidMaskHead(nn.Module):
 class PooledClassHead(nn.Module):
     """Classifies pyramids from what lies under their masks (``CLASS_HEAD: "pooled"``).
 
-    Each pyramid's box (from its mask) is pooled with detectron2's ``ROIAlign`` on the FPN level
-    that detectron2's ``ROIPooler`` rule picks for its size; the pyramid's own mask, pooled on
+    Each pyramid's box (from its mask) is pooled with detectron2's ``ROIPooler`` (``ROIAlignV2``
+    on the FPN level its size picks); the pyramid's own mask, pooled on
     the same box, joins as one more channel (so an occluder inside the box is not the object);
     detectron2's ``FastRCNNConvFCHead`` (3x3 convs with GroupNorm, then fully connected layers)
     and a linear layer give class logits. No box regression. The GroupNorm matters: on the raw
@@ -169,10 +169,7 @@ class PooledClassHead(nn.Module):
                 "MODEL.MASK_PYRAMID.CLASS_NUM_FC must be >= 1 and CLASS_NUM_CONV >= 0, got "
                 f"{num_fc} and {num_conv}"
             )
-        self.min_level, self.max_level = levels[0], levels[-1]
-        self.aligners = nn.ModuleList(
-            ROIAlign((resolution, resolution), 1.0 / s, 0, aligned=True) for s in strides
-        )
+        self.pooler = ROIPooler(resolution, [1.0 / s for s in strides], 0, "ROIAlignV2")
         self.fc = FastRCNNConvFCHead(
             ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
             conv_dims=[conv_dim] * num_conv,
@@ -184,19 +181,20 @@ class PooledClassHead(nn.Module):
         nn.init.constant_(self.cls_score.bias, 0)
 
     def forward(
-        self, features: List[torch.Tensor], rois: torch.Tensor, pooled_masks: torch.Tensor
+        self,
+        features: List[torch.Tensor],
+        boxes: torch.Tensor,
+        batch: torch.Tensor,
+        pooled_masks: torch.Tensor,
     ) -> torch.Tensor:
-        """features: the CLASS_POOL_FEATURES maps; rois: (K, 5) batch index and XYXY pixels;
-        pooled_masks: (K, 1, R, R) mask probabilities on the same boxes. Returns (K, C)."""
-        levels = assign_boxes_to_levels(
-            [Boxes(rois[:, 1:])], self.min_level, self.max_level, 224, 4
-        )
-        r = pooled_masks.shape[-1]
-        pooled = rois.new_zeros(len(rois), features[0].shape[1], r, r)
-        for lvl, (f, align) in enumerate(zip(features, self.aligners)):  # levels, not RoIs
-            idx = (levels == lvl).nonzero()[:, 0]
-            if len(idx):
-                pooled = pooled.index_put((idx,), align(f, rois[idx]))
+        """features: the CLASS_POOL_FEATURES maps; boxes: (K, 4) XYXY pixels of images
+        ``batch`` (K,); pooled_masks: (K, 1, R, R) mask probabilities on the same boxes.
+        Returns (K, C) class logits."""
+        # ROIPooler takes one Boxes per image and returns them in that order
+        order = torch.argsort(batch, stable=True)
+        counts = torch.bincount(batch, minlength=features[0].shape[0]).tolist()
+        pooled = self.pooler(features, [Boxes(b) for b in boxes[order].split(counts)])
+        pooled = torch.empty_like(pooled).index_copy(0, order, pooled)
         return self.cls_score(self.fc(torch.cat([pooled, pooled_masks], 1)))
 
 

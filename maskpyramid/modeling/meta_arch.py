@@ -215,6 +215,10 @@ class MaskPyramid(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
+    def _sizes(self, image_sizes) -> torch.Tensor:
+        """(B, 2) float (height, width) of the images in the batch, on the model's device."""
+        return torch.as_tensor(image_sizes, device=self.device, dtype=torch.float32).view(-1, 2)
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
@@ -315,7 +319,7 @@ class MaskPyramid(nn.Module):
     def grow(self, feats, cls_maps, iou_maps, image_sizes, n_on, targets=None) -> List[LevelRecord]:
         """Run the growth loop over the first ``n_on`` levels; one record per level."""
         B = feats[0].shape[0]
-        sizes = torch.as_tensor(image_sizes, device=self.device, dtype=torch.float32).view(-1, 2)
+        sizes = self._sizes(image_sizes)
         records: List[LevelRecord] = []
         pyr: Optional[G.Pyramids] = None
         levels = range(n_on) if self.growth else [0]
@@ -402,13 +406,9 @@ class MaskPyramid(nn.Module):
         limits = G.image_boxes(sizes, pyr.batch)
         up_probs = up.sigmoid()
         probs = up_probs * valid[pyr.batch]
-        boxes, nonempty = G.support_boxes(
-            probs, stride, self.mp.WINDOW_EPS, self.mp.WINDOW_MARGIN, limits
+        boxes = self._support_or_root_boxes(
+            probs, pyr.roots, stride, limits, self.mp.WINDOW_EPS, self.mp.WINDOW_MARGIN
         )
-        fallback = G.centred_boxes(
-            pyr.roots, torch.full_like(pyr.roots[:, 0], self.mp.INIT_WINDOW * stride), limits
-        )
-        boxes = torch.where(nonempty[:, None], boxes, fallback)
         idx = torch.arange(len(pyr), device=f.device)
         pooled = self._windows(head.image_features(f), boxes, pyr.batch, stride)
         prev_win = self._windows(pyr.logits[:, None], boxes, idx, prev_stride)
@@ -735,27 +735,31 @@ class MaskPyramid(nn.Module):
         pooled_masks = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(
             probs[:, None], torch.cat([idx[:, None], boxes], 1)
         )
-        rois = torch.cat([batch[:, None].to(boxes.dtype), boxes], 1)
         maps = [features[f] for f in self.class_features]
-        return self.class_head(maps, rois, pooled_masks)
+        return self.class_head(maps, boxes, batch, pooled_masks)
 
     def _mask_boxes(self, pyr, stride, sizes):
-        """Boxes of the pyramids' masks (probability > 0.5) in input pixels; a pyramid with an
-        empty mask gets the INIT_WINDOW box around its root."""
-        limits = G.image_boxes(sizes, pyr.batch)
+        """Boxes of the pyramids' masks (probability > 0.5) in input pixels, and the
+        probabilities."""
         probs = pyr.logits.detach().sigmoid()
-        boxes, nonempty = G.support_boxes(probs, stride, 0.5, 0, limits)
+        limits = G.image_boxes(sizes, pyr.batch)
+        return self._support_or_root_boxes(probs, pyr.roots, stride, limits, 0.5, 0), probs
+
+    def _support_or_root_boxes(self, probs, roots, stride, limits, eps, margin):
+        """Boxes where each (N, H, W) probability map exceeds ``eps``, plus ``margin`` cells; a
+        map that exceeds it nowhere gets the INIT_WINDOW box around its root."""
+        boxes, nonempty = G.support_boxes(probs, stride, eps, margin, limits)
         fallback = G.centred_boxes(
-            pyr.roots, torch.full_like(pyr.roots[:, 0], self.mp.INIT_WINDOW * stride), limits
+            roots, torch.full_like(roots[:, 0], self.mp.INIT_WINDOW * stride), limits
         )
-        return torch.where(nonempty[:, None], boxes, fallback), probs
+        return torch.where(nonempty[:, None], boxes, fallback)
 
     def _pooled_class_loss(self, rec, targets, features, image_sizes):
         """Cross-entropy of the pooled class head on every ground-truth instance (its box and
         mask) and on every positive pyramid (the box and probabilities of its own mask)."""
         pyr = rec.pyramids
         pos = pyr.target >= 0
-        sizes = torch.as_tensor(image_sizes, device=self.device, dtype=torch.float32).view(-1, 2)
+        sizes = self._sizes(image_sizes)
         gt_masks = targets["masks"][rec.level]
         probs, boxes, batch, labels = (
             [gt_masks],
@@ -796,8 +800,7 @@ class MaskPyramid(nn.Module):
             scores = scores * pyr.iou_logits.sigmoid()
         all_classes = pyr.cls_logits.argmax(1) if len(pyr) else pyr.batch
         if self.class_head is not None and len(pyr):
-            sizes = torch.as_tensor(image_sizes, device=self.device, dtype=torch.float32)
-            boxes, probs = self._mask_boxes(pyr, rec.stride, sizes.view(-1, 2))
+            boxes, probs = self._mask_boxes(pyr, rec.stride, self._sizes(image_sizes))
             cls_probs = self._pooled_class_logits(
                 features, probs, pyr.batch, boxes, rec.stride
             ).softmax(1)
