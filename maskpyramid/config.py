@@ -134,6 +134,14 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     mp.CLASS_CONV_DIM = 128
     mp.CLASS_NUM_FC = 1
     mp.CLASS_FC_DIM = 512
+    # "pooled": one more output, background (Fast R-CNN's convention), trained on the positive
+    # pyramids whose final mask has an IoU below CLASS_FG_IOU with their instance: the class
+    # probability then also says how good the mask is, and ranks the outputs by it
+    mp.CLASS_BACKGROUND = False
+    mp.CLASS_FG_IOU = 0.5
+    # "pooled": score = root objectness x class probability (True), or the class probability
+    # alone (False: with CLASS_BACKGROUND it also says "no instance here")
+    mp.CLASS_SCORE_ROOT = True
     # mask logits are soft-clamped to +-LOGIT_CLAMP (tanh), keeping sigmoids trainable; 0 = off
     mp.LOGIT_CLAMP = 12.0
 
@@ -155,6 +163,7 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     mp.CLASS_LOSS_WEIGHT = 1.0
     mp.MASKIOU_LOSS_WEIGHT = 1.0
     # "pooled" class head: cross-entropy on the ground-truth instances and the positive pyramids
+    # (labelled background below CLASS_FG_IOU, with CLASS_BACKGROUND)
     mp.POOLED_CLASS_LOSS_WEIGHT = 1.0
     # auxiliary per-class semantic segmentation on the last level (YOLACT); 0 = off
     mp.SEM_SEG_LOSS_WEIGHT = 0.0
@@ -162,6 +171,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # --- inference ---
     mp.SCORE_THRESH_TEST = 0.05
     mp.DETECTIONS_PER_IMAGE = 100
+    # each kept pyramid is output once for each of its K most probable classes (with that
+    # class's score), as Mask R-CNN outputs a box once per class; 1 = its best class only
+    mp.CLASSES_PER_PYRAMID = 1
     mp.MASK_THRESHOLD = 0.5
     # after priority painting (by score), drop pyramids keeping less of their own mask; 0 = off
     mp.MIN_KEPT_FRACTION = 0.5

@@ -123,13 +123,24 @@ def pyramids_to_instances(
     painted_output: bool,
 ) -> Instances:
     """The final pyramids of one image, (N, H, W) logits on the last level -> ``Instances``
-    of ``output_size`` with pred_masks, pred_boxes (from the masks), scores, pred_classes."""
+    of ``output_size`` with pred_masks, pred_boxes (from the masks), scores, pred_classes.
+
+    ``scores`` and ``classes`` are (N,) or (N, K): K class hypotheses per pyramid, best first.
+    The first decides thresholds, order, painting and NMS; each kept pyramid is then output once
+    per hypothesis above ``score_thresh`` (as Mask R-CNN outputs a box once per class), and
+    ``max_detections`` caps the outputs."""
     if nms not in NMS_MODES:
         raise ValueError(f"MODEL.MASK_PYRAMID.NMS must be one of {NMS_MODES}, got {nms}")
+    if scores.dim() == 1:
+        scores, classes = scores[:, None], classes[:, None]
+    all_scores, all_classes = scores, classes
+    scores, classes = scores[:, 0], classes[:, 0]
     keep = scores > score_thresh
+    all_scores, all_classes = all_scores[keep], all_classes[keep]
     logits, scores, classes = logits[keep], scores[keep], classes[keep]
     order = torch.argsort(scores, descending=True, stable=True)
     logits, scores, classes = logits[order], scores[order], classes[order]
+    all_scores, all_classes = all_scores[order], all_classes[order]
     # decisions on the level's grid, inside the image
     hv = -(-input_size[0] // int(stride))
     wv = -(-input_size[1] // int(stride))
@@ -149,18 +160,23 @@ def pyramids_to_instances(
         kept, _ = paint(binary[sub], min_kept)
         keep = torch.zeros_like(keep)
         keep[sub[kept]] = True
+    if nms == "matrix":  # decayed first scores; the other hypotheses decay alike
+        decay = scores / all_scores[:, 0].clamp(min=1e-12)
+        all_scores = all_scores * decay[:, None]
     logits, scores, classes = logits[keep], scores[keep], classes[keep]
-    if nms == "matrix":  # decayed scores change the order
-        order = torch.argsort(scores, descending=True, stable=True)
-        logits, scores, classes = logits[order], scores[order], classes[order]
-    logits, scores, classes = (
-        logits[:max_detections],
-        scores[:max_detections],
-        classes[:max_detections],
-    )
-    masks = logits_to_image(logits, stride, output_size, input_size) > logit_thresh
+    all_scores, all_classes = all_scores[keep], all_classes[keep]
+    # one output per (pyramid, hypothesis) above the threshold, best scores first
+    which = torch.arange(len(logits), device=logits.device)[:, None].expand_as(all_scores)
+    valid_hyp = all_scores > score_thresh
+    valid_hyp[:, 0] = True  # passed the threshold above (after Matrix NMS's decay too)
+    which, scores, classes = which[valid_hyp], all_scores[valid_hyp], all_classes[valid_hyp]
+    order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
+    which, scores, classes = which[order], scores[order], classes[order]
+    used, inverse = torch.unique(which, return_inverse=True)
+    masks = logits_to_image(logits[used], stride, output_size, input_size) > logit_thresh
     if painted_output and len(masks):
-        _, masks = paint(masks, 0.0)
+        _, masks = paint(masks, 0.0)  # among the pyramids, in order of their first score
+    masks = masks[inverse]
     nonempty = masks.flatten(1).any(1)
     masks, scores, classes = masks[nonempty], scores[nonempty], classes[nonempty]
     result = Instances(output_size)

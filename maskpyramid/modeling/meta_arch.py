@@ -179,7 +179,7 @@ class MaskPyramid(nn.Module):
             self.class_head = PooledClassHead(
                 shapes[self.class_features[0]].channels,
                 [shapes[f].stride for f in self.class_features],
-                num_classes,
+                num_classes + int(mp.CLASS_BACKGROUND),
                 mp.CLASS_POOL_RESOLUTION,
                 mp.CLASS_NUM_CONV,
                 mp.CLASS_CONV_DIM,
@@ -756,11 +756,25 @@ class MaskPyramid(nn.Module):
 
     def _pooled_class_loss(self, rec, targets, features, image_sizes):
         """Cross-entropy of the pooled class head on every ground-truth instance (its box and
-        mask) and on every positive pyramid (the box and probabilities of its own mask)."""
+        mask) and on every positive pyramid (the box and probabilities of its own mask; with
+        CLASS_BACKGROUND, labelled background when that mask's IoU with its instance is below
+        CLASS_FG_IOU)."""
         pyr = rec.pyramids
         pos = pyr.target >= 0
         sizes = self._sizes(image_sizes)
         gt_masks = targets["masks"][rec.level]
+        pos_labels = targets["classes"][pyr.target[pos]]
+        if self.mp.CLASS_BACKGROUND and pos.any():
+            H, W = pyr.logits.shape[-2:]
+            valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
+            iou = mask_iou(
+                pyr.logits[pos].detach(), gt_masks[pyr.target[pos]], valid[pyr.batch[pos]]
+            )
+            pos_labels = torch.where(
+                iou >= self.mp.CLASS_FG_IOU,
+                pos_labels,
+                torch.full_like(pos_labels, self.num_classes),
+            )
         probs, boxes, batch, labels = (
             [gt_masks],
             [targets["boxes"]],
@@ -772,7 +786,7 @@ class MaskPyramid(nn.Module):
             probs.append(p_probs)
             boxes.append(p_boxes)
             batch.append(pyr.batch[pos])
-            labels.append(targets["classes"][pyr.target[pos]])
+            labels.append(pos_labels)
         labels = torch.cat(labels)
         if not len(labels):
             return sum(p.sum() for p in self.class_head.parameters()) * 0
@@ -795,27 +809,37 @@ class MaskPyramid(nn.Module):
     def inference(self, rec: LevelRecord, batched_inputs, image_sizes, features=None):
         mp = self.mp
         pyr = rec.pyramids
-        scores = pyr.scores
-        if mp.SCORE_MODE == "maskiou" and pyr.iou_logits is not None:
-            scores = scores * pyr.iou_logits.sigmoid()
-        all_classes = pyr.cls_logits.argmax(1) if len(pyr) else pyr.batch
-        if self.class_head is not None and len(pyr):
-            boxes, probs = self._mask_boxes(pyr, rec.stride, self._sizes(image_sizes))
-            cls_probs = self._pooled_class_logits(
-                features, probs, pyr.batch, boxes, rec.stride
-            ).softmax(1)
-            class_prob, all_classes = cls_probs.max(1)
-            scores = scores * class_prob
+        class_scores = self._class_scores(pyr, rec, image_sizes, features)  # (N, C)
+        k = max(1, min(int(mp.CLASSES_PER_PYRAMID), self.num_classes))
+        scores, classes = class_scores.topk(k, dim=1)  # (N, k) hypotheses, best first
         results = []
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             sel = pyr.batch == b
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
-            classes = all_classes[sel]
             inst = pyramids_to_instances(
-                pyr.logits[sel], scores[sel], classes,
+                pyr.logits[sel], scores[sel], classes[sel],
                 rec.stride, tuple(size), out_size, mp.SCORE_THRESH_TEST, mp.MASK_THRESHOLD,
                 mp.MIN_KEPT_FRACTION, mp.NMS, mp.NMS_THRESH, mp.MATRIX_NMS_SIGMA,
                 mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT,
             )  # fmt: skip
             results.append({"instances": inst})
         return results
+
+    def _class_scores(self, pyr, rec, image_sizes, features) -> torch.Tensor:
+        """(N, C) score of each final pyramid for each class: the root head's class
+        probabilities; with the pooled class head, its class probabilities (of the foreground
+        classes, with CLASS_BACKGROUND), times the root objectness (the root's largest class
+        probability) with CLASS_SCORE_ROOT; times the predicted mask IoU with SCORE_MODE
+        "maskiou"."""
+        scores = pyr.cls_logits.sigmoid()
+        if self.class_head is not None and len(pyr):
+            boxes, probs = self._mask_boxes(pyr, rec.stride, self._sizes(image_sizes))
+            cls_probs = self._pooled_class_logits(
+                features, probs, pyr.batch, boxes, rec.stride
+            ).softmax(1)[:, : self.num_classes]
+            if self.mp.CLASS_SCORE_ROOT:
+                cls_probs = cls_probs * scores.amax(1, keepdim=True)
+            scores = cls_probs
+        if self.mp.SCORE_MODE == "maskiou" and pyr.iou_logits is not None:
+            scores = scores * pyr.iou_logits.sigmoid()[:, None]
+        return scores

@@ -75,3 +75,35 @@ def test_instances_have_boxes_from_masks_and_respect_threshold_and_top_k():
         max_detections=100, **args,
     )  # fmt: skip
     assert len(empty) == 0 and empty.pred_boxes.tensor.shape == (0, 4)
+
+
+@pytest.mark.parametrize("nms", ["none", "matrix"])
+def test_each_kept_pyramid_is_output_once_per_class_hypothesis(nms):
+    logits = torch.full((3, 4, 4), -10.0)
+    logits[0, 1:3, 1:3] = 10
+    logits[1, 1:3, 1:3] = 10  # a duplicate of pyramid 0, lower score: painted away
+    logits[2, 3, 3] = 10
+    scores = torch.tensor([[0.6, 0.3, 0.01], [0.5, 0.4, 0.1], [0.2, 0.1, 0.04]])
+    classes = torch.tensor([[1, 0, 2], [0, 1, 2], [2, 1, 0]])
+    args = dict(stride=8, input_size=(32, 32), output_size=(32, 32), mask_thresh=0.5, min_kept=0.5,
+                nms=nms, nms_thresh=0.5, matrix_sigma=2.0, painted_output=False)  # fmt: skip
+    out = inf.pyramids_to_instances(
+        logits, scores, classes, score_thresh=0.05, max_detections=100, **args
+    )
+    # pyramid 0 twice (its third hypothesis is below the threshold), pyramid 2 twice; pyramid 1
+    # is a duplicate of 0 (matrix NMS decays it below, painting drops it otherwise)
+    got = sorted(zip(out.scores.tolist(), out.pred_classes.tolist()), reverse=True)
+    assert [c for _, c in got] == [1, 0, 2, 1]
+    assert [s for s, _ in got][:2] == pytest.approx([0.6, 0.3])
+    assert out.scores.tolist() == sorted(out.scores.tolist(), reverse=True)
+    masks = out.pred_masks
+    assert torch.equal(masks[0], masks[1]) and masks[0, 12, 12] and masks[2, 28, 28]
+    top = inf.pyramids_to_instances(
+        logits, scores, classes, score_thresh=0.05, max_detections=3, **args
+    )
+    assert len(top) == 3 and top.scores.min() >= out.scores[2]
+    # (N,) scores are one hypothesis each
+    one = inf.pyramids_to_instances(
+        logits, scores[:, 0], classes[:, 0], score_thresh=0.05, max_detections=100, **args
+    )
+    assert one.pred_classes.tolist() == [1, 2]

@@ -15,6 +15,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from maskpyramid.engine.trainer import Trainer
+from maskpyramid.modeling import meta_arch
 from maskpyramid.modeling.targets import TargetParams, prepare_pyramid_targets
 
 CONFIG = "configs/shapes/mask_pyramid_R_18_FPN.yaml"
@@ -40,6 +41,8 @@ KNOBS = {
     "growth_off": mp(GROWTH=False),
     "score_maskiou": mp(SCORE_MODE="maskiou"),
     "class_pooled": mp(CLASS_HEAD="pooled"),
+    "class_pooled_background": mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=True),
+    "classes_per_pyramid_3": mp(CLASSES_PER_PYRAMID=3),
     "readout_p2": mp(READOUT_FEATURES=["p2"]),
     "readout_p2_growth_off": mp(READOUT_FEATURES=["p2"], GROWTH=False),
     "readout_p2_shared_pooled": mp(
@@ -235,6 +238,56 @@ def test_pooled_class_head_gives_the_classes_and_scales_the_scores(mp_cfg):
         # the same pyramids (the painting order is by score), scores divided by C
         c = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES
         assert torch.allclose(u["instances"].scores * c, inst.scores, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fg_iou", [0.5, 0.0])
+def test_pooled_background_class_labels_poor_masks_background(mp_cfg, monkeypatch, fg_iou):
+    cfg = mp_cfg(
+        *mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=True, CLASS_FG_IOU=fg_iou, SCORE_THRESH_TEST=0.0)
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    c = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES
+    assert model.class_head.cls_score.out_features == c + 1
+    data = _one_batch(cfg)
+    seen = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spy(logits, labels, *args, **kwargs):
+        seen.append((logits.shape, labels.clone()))
+        return cross_entropy(logits, labels, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    ious = []
+    mask_iou = meta_arch.mask_iou
+
+    def iou_spy(*args):
+        ious.append(mask_iou(*args))
+        return ious[-1]
+
+    monkeypatch.setattr(meta_arch, "mask_iou", iou_spy)
+    records = _capture_records(model)
+    with EventStorage(0):
+        model(data)
+    ((shape, labels),) = seen
+    gt = torch.cat([x["instances"].gt_classes for x in data])
+    n_pos = int((records[0][-1].pyramids.target >= 0).sum())
+    assert shape == (len(gt) + n_pos, c + 1) and n_pos > 0
+    assert torch.equal(labels[: len(gt)], gt)  # the ground-truth masks keep their classes
+    (iou,) = ious  # of each positive pyramid's final mask with its instance's
+    pos_labels = labels[len(gt) :]
+    assert torch.equal(pos_labels == c, iou < fg_iou)
+    if fg_iou > 0:  # an untrained model's masks are mostly poor
+        assert (pos_labels == c).any()
+    model.eval()
+    with torch.no_grad():
+        head = model.class_head
+        head.cls_score.weight.zero_()
+        head.cls_score.bias.zero_()
+        head.cls_score.bias[c] = 10.0  # background, probability ~1: every score ~0
+        out = model(data)
+    scores = torch.cat([o["instances"].scores for o in out])
+    assert len(scores) and (scores < 1e-3).all()
 
 
 # ---------------------------------------------------------------- bad input
