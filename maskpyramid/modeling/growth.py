@@ -181,15 +181,9 @@ def support_boxes(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Windows around where each (N, H, W) probability map exceeds ``eps``, plus ``margin`` cells,
     clipped to ``limits`` (N, 4). Returns (boxes (N, 4) in pixels, nonempty (N,) bool)."""
-    on = probs > eps
-    rows, cols = on.any(2), on.any(1)
-    height, width = rows.shape[1], cols.shape[1]
-    y0 = rows.float().argmax(1)
-    y1 = height - 1 - rows.flip(1).float().argmax(1)
-    x0 = cols.float().argmax(1)
-    x1 = width - 1 - cols.flip(1).float().argmax(1)
-    boxes = torch.stack([x0 - margin, y0 - margin, x1 + 1 + margin, y1 + 1 + margin], 1)
-    boxes = boxes.to(probs.dtype) * stride
+    extents, nonempty = mask_extents(probs > eps)
+    margins = torch.tensor([-margin, -margin, margin, margin], device=probs.device)
+    boxes = (extents + margins).to(probs.dtype) * stride
     boxes = torch.stack(
         [
             torch.maximum(boxes[:, 0], limits[:, 0]),
@@ -199,7 +193,21 @@ def support_boxes(
         ],
         1,
     )
-    return boxes, rows.any(1)
+    return boxes, nonempty
+
+
+def mask_extents(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tight boxes of (N, H, W) bool masks in cells, XYXY with exclusive ends (N, 4) long (0 for
+    an empty mask), and (N,) bool: the mask is not empty. No loop over the masks."""
+    rows, cols = masks.any(2), masks.any(1)
+    height, width = rows.shape[1], cols.shape[1]
+    y0 = rows.byte().argmax(1)
+    y1 = height - rows.flip(1).byte().argmax(1)
+    x0 = cols.byte().argmax(1)
+    x1 = width - cols.flip(1).byte().argmax(1)
+    nonempty = rows.any(1)
+    boxes = torch.stack([x0, y0, x1, y1], 1) * nonempty[:, None]
+    return boxes, nonempty
 
 
 def local_peaks(score_map: torch.Tensor, threshold: float) -> torch.Tensor:

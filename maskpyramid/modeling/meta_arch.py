@@ -831,15 +831,25 @@ class MaskPyramid(nn.Module):
         classes, with CLASS_BACKGROUND), times the root objectness (the root's largest class
         probability) with CLASS_SCORE_ROOT; times the predicted mask IoU with SCORE_MODE
         "maskiou"."""
+        mp = self.mp
         scores = pyr.cls_logits.sigmoid()
-        if self.class_head is not None and len(pyr):
-            boxes, probs = self._mask_boxes(pyr, rec.stride, self._sizes(image_sizes))
-            cls_probs = self._pooled_class_logits(
-                features, probs, pyr.batch, boxes, rec.stride
-            ).softmax(1)[:, : self.num_classes]
-            if self.mp.CLASS_SCORE_ROOT:
-                cls_probs = cls_probs * scores.amax(1, keepdim=True)
-            scores = cls_probs
-        if self.mp.SCORE_MODE == "maskiou" and pyr.iou_logits is not None:
-            scores = scores * pyr.iou_logits.sigmoid()[:, None]
-        return scores
+        quality = (
+            pyr.iou_logits.sigmoid()
+            if mp.SCORE_MODE == "maskiou" and pyr.iou_logits is not None
+            else scores.new_ones(len(pyr))
+        )
+        if self.class_head is not None:
+            if mp.CLASS_SCORE_ROOT:
+                # objectness x quality bounds the score: the class head need not see the rest
+                quality = quality * scores.amax(1)
+                run = quality > mp.SCORE_THRESH_TEST
+            else:
+                run = torch.ones_like(quality, dtype=torch.bool)
+            scores = scores.new_zeros(len(pyr), self.num_classes)
+            if run.any():
+                sub = pyr[run]
+                boxes, probs = self._mask_boxes(sub, rec.stride, self._sizes(image_sizes))
+                scores[run] = self._pooled_class_logits(
+                    features, probs, sub.batch, boxes, rec.stride
+                ).softmax(1)[:, : self.num_classes]
+        return scores * quality[:, None]

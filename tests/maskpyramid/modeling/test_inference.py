@@ -107,3 +107,21 @@ def test_each_kept_pyramid_is_output_once_per_class_hypothesis(nms):
         logits, scores[:, 0], classes[:, 0], score_thresh=0.05, max_detections=100, **args
     )
     assert one.pred_classes.tolist() == [1, 2]
+
+
+def test_mask_boxes_equal_detectron2_bitmasks_boxes():
+    from detectron2.structures import BitMasks
+
+    from maskpyramid.modeling.growth import mask_extents
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 20, 30, dtype=torch.bool)
+    for k in range(5):  # random rectangles with holes; the last mask stays empty
+        y0, x0 = torch.randint(0, 15, (2,), generator=g).tolist()
+        masks[k, y0 : y0 + 1 + k, x0 : x0 + 3 + 2 * k] = True
+        masks[k] &= torch.rand(20, 30, generator=g) > 0.3
+    masks[0, 19, 29] = True  # touching the far corner
+    boxes, nonempty = mask_extents(masks)
+    assert torch.equal(boxes.float(), BitMasks(masks).get_bounding_boxes().tensor)
+    assert nonempty.tolist() == [True] * 5 + [False]
+    assert mask_extents(masks[:0])[0].shape == (0, 4)

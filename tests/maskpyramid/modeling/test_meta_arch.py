@@ -42,7 +42,7 @@ KNOBS = {
     "score_maskiou": mp(SCORE_MODE="maskiou"),
     "class_pooled": mp(CLASS_HEAD="pooled"),
     "class_pooled_background": mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=True),
-    "classes_per_pyramid_3": mp(CLASSES_PER_PYRAMID=3),
+    "classes_per_pyramid_1": mp(CLASSES_PER_PYRAMID=1),
     "readout_p2": mp(READOUT_FEATURES=["p2"]),
     "readout_p2_growth_off": mp(READOUT_FEATURES=["p2"], GROWTH=False),
     "readout_p2_shared_pooled": mp(
@@ -209,9 +209,7 @@ def test_caps_bind_in_inference(mp_cfg):
 
 
 def test_pooled_class_head_gives_the_classes_and_scales_the_scores(mp_cfg):
-    cfg = mp_cfg(
-        "MODEL.MASK_PYRAMID.CLASS_HEAD", "pooled", "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0
-    )
+    cfg = mp_cfg(*mp(CLASS_HEAD="pooled", SCORE_THRESH_TEST=0.0, CLASSES_PER_PYRAMID=1))
     torch.manual_seed(0)
     model = build_model(cfg)
     data = _one_batch(cfg)
@@ -238,6 +236,30 @@ def test_pooled_class_head_gives_the_classes_and_scales_the_scores(mp_cfg):
         # the same pyramids (the painting order is by score), scores divided by C
         c = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES
         assert torch.allclose(u["instances"].scores * c, inst.scores, rtol=1e-4)
+
+
+def test_pooled_class_head_skips_pyramids_below_the_score_threshold(mp_cfg):
+    cfg = mp_cfg(*mp(CLASS_HEAD="pooled", SCORE_THRESH_TEST=0.0))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    data = _one_batch(cfg)
+    records = _capture_records(model)
+    features = []
+    model.backbone.register_forward_hook(lambda m, i, out: features.append(out))
+    seen = []
+    model.class_head.register_forward_hook(lambda m, i, out: seen.append(len(out)))
+    with torch.no_grad():
+        model(data)
+        rec = records[0][-1]
+        sizes = [(x["image"].shape[1], x["image"].shape[2]) for x in data]
+        every = model._class_scores(rec.pyramids, rec, sizes, features[0])
+        objectness = rec.pyramids.cls_logits.sigmoid().amax(1)
+        model.mp.SCORE_THRESH_TEST = float(objectness.median())
+        some = model._class_scores(rec.pyramids, rec, sizes, features[0])
+    above = objectness > model.mp.SCORE_THRESH_TEST
+    assert 0 < int(above.sum()) < len(above) and seen[-1] == int(above.sum())
+    assert torch.allclose(some[above], every[above], atol=1e-6)
+    assert (some[~above] == 0).all() and (every[~above] <= model.mp.SCORE_THRESH_TEST).all()
 
 
 @pytest.mark.parametrize("fg_iou", [0.5, 0.0])

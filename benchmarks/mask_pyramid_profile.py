@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Where MaskPyramid's inference time goes: milliseconds per image for each part of the model.
+
+Forward hooks time the backbone (ResNet + FPN), the dense score head, each level's mask heads
+(split into the per-image part, the tower and first conv run once per image on the whole level,
+and the per-pyramid part, the convs on the pyramids' windows) and the pooled class head; "other"
+is the rest of the forward pass (windows pooled and pasted back, pruning, painting, outputs).
+Also prints the mean number of pyramids alive after each level.
+
+Usage:
+  python benchmarks/mask_pyramid_profile.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
+      output/mp_long/model_final.pth [--images 50] [--dataset shapes_val]
+"""
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models_side_by_side import load  # noqa: E402
+
+from maskpyramid.engine import Trainer  # noqa: E402
+
+
+def parts(model):
+    """(label, module) pairs to time; modules called more than once are summed."""
+    out = [("backbone (ResNet + FPN)", model.backbone), ("score head", model.score_head)]
+    for kind, heads, names in (
+        ("init", model.init_heads, model.in_features),
+        ("grow", model.grow_heads, model.mask_features),
+    ):
+        for i, head in enumerate(heads):
+            level = names[i] if len(heads) > 1 else "shared"
+            if kind == "grow" and len(heads) > 1 and i == 0:
+                continue  # nothing grows into the first level
+            out.append((f"{kind} {level}: per image", head.tower))
+            out.append((f"{kind} {level}: per image", head.feature_conv))
+            out.append((f"{kind} {level}: per pyramid", head))
+    if model.class_head is not None:
+        out.append(("pooled class head", model.class_head))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs=2, required=True, metavar=("CFG", "PTH"))
+    parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--dataset", default=None, help="default: the config's TEST[0]")
+    args = parser.parse_args()
+    cfg, model = load(*args.model)
+    if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid":
+        sys.exit(f"{args.model[0]}: META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}, "
+                 "not MaskPyramid")  # fmt: skip
+    spent = defaultdict(float)
+    starts = {}
+
+    def pre(label):
+        def hook(module, inputs):
+            starts[id(module)] = time.perf_counter()
+
+        return hook
+
+    def post(label):
+        def hook(module, inputs, output):
+            spent[label] += time.perf_counter() - starts.pop(id(module))
+
+        return hook
+
+    for label, module in parts(model):
+        module.register_forward_pre_hook(pre(label))
+        module.register_forward_hook(post(label))
+    alive = defaultdict(list)
+    grow = model.grow
+
+    def counting_grow(*a, **k):
+        records = grow(*a, **k)
+        for rec in records:
+            alive[rec.name].append(len(rec.pyramids))
+        return records
+
+    model.grow = counting_grow
+    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    loader = Trainer.build_test_loader(cfg, dataset)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i, inputs in enumerate(loader):
+            if i == 2:  # two warm-up images
+                spent.clear()
+                alive.clear()
+            if i >= args.images + 2:
+                break
+            start = time.perf_counter()
+            model(inputs)
+            if i >= 2:
+                total += time.perf_counter() - start
+                n += 1
+    print(f"{n} images of {dataset}, torch threads {torch.get_num_threads()}, batch 1")
+    print("| part | ms / image | share |")
+    print("|---|---|---|")
+    for label, s in list(spent.items()) + [("other", total - sum(spent.values()))]:
+        print(f"| {label} | {1000 * s / n:.1f} | {100 * s / total:.0f}% |")
+    print(f"| **total** | {1000 * total / n:.1f} | 100% |")
+    print("pyramids alive after each level (mean per image): " + ", ".join(
+        f"{k} {sum(v) / len(v):.1f}" for k, v in alive.items()
+    ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
