@@ -190,7 +190,8 @@ def test_readout_level_grows_the_pyramids_without_spawning(mp_cfg):
     assert p2.pyramids.logits.shape[-2:] == (-(-h // 4), -(-w // 4))
     # the same pyramids as on p3 (none spawned; pruning may only drop some), in the same order
     assert len(p2.pyramids) + int(p2.num_pruned.sum()) == len(p3.pyramids)
-    assert sum(len(o["instances"]) for o in out) <= len(p2.pyramids)
+    k = cfg.MODEL.MASK_PYRAMID.CLASSES_PER_PYRAMID  # outputs per pyramid, one per class
+    assert sum(len(o["instances"]) for o in out) <= k * len(p2.pyramids)
 
 
 def test_caps_bind_in_inference(mp_cfg):
@@ -233,8 +234,9 @@ def test_pooled_class_head_gives_the_classes_and_scales_the_scores(mp_cfg):
     for o, u in zip(out, uniform):
         inst = o["instances"]
         assert len(inst) and (inst.pred_classes == 2).all()
-        # the same pyramids (the painting order is by score), scores divided by C
-        c = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES
+        # the same pyramids (the painting order is by score), scores divided by the number of
+        # outputs (C, or C + 1 with CLASS_BACKGROUND)
+        c = head.cls_score.out_features
         assert torch.allclose(u["instances"].scores * c, inst.scores, rtol=1e-4)
 
 
