@@ -53,6 +53,11 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # mean + std of their quality; ignores SIZE_RANGES)
     mp.ASSIGN_MODE = "center"
     mp.CENTER_RADIUS = 1.5
+    # "center" and "atss": a candidate root's cell centre must also lie on the instance's own
+    # mask, not on another object or background inside its box (the cell nearest the centre of
+    # mass that does is always a candidate). Off, 32% of the p6 positives of shapes sat on another
+    # object, and their masks had IoU 0.22 with the instance (0.51 for those on it)
+    mp.CENTER_IN_MASK = True
     mp.ATSS_TOPK = 9
     # "atss" only: side of the virtual square a cell is compared with, in cells of its level
     mp.ATSS_SCALE = 4.0

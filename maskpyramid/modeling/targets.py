@@ -10,7 +10,7 @@ a level's mask is the area average of the image mask over each cell (exact, no c
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ __all__ = [
     "TargetParams",
     "feature_strides",
     "resample_masks",
+    "cell_centre_masks",
     "assign_positives",
     "prepare_pyramid_targets",
 ]
@@ -53,6 +54,7 @@ class TargetParams:
     atss_topk: int = 9
     atss_scale: float = 4.0
     one_positive: bool = False
+    center_in_mask: bool = True
     readout_strides: tuple = ()  # READOUT_FEATURES: mask targets only, no roots
 
     @classmethod
@@ -84,6 +86,7 @@ class TargetParams:
             atss_topk=int(mp.ATSS_TOPK),
             atss_scale=float(mp.ATSS_SCALE),
             one_positive=bool(mp.ONE_POSITIVE_PER_LEVEL),
+            center_in_mask=bool(mp.CENTER_IN_MASK),
             readout_strides=tuple(readout),
         )
 
@@ -120,12 +123,27 @@ def _box_iou_square(boxes: torch.Tensor, cy, cx, side: float) -> torch.Tensor:
     return inter / ((x1 - x0) * (y1 - y0) + side * side - inter).clamp(min=1e-6)
 
 
+def cell_centre_masks(masks: torch.Tensor, strides: Sequence[int]) -> List[torch.Tensor]:
+    """Per stride, (N, hl, wl) bool: whether each cell's centre pixel lies in each mask (N, H, W).
+
+    Cells past the image's edge (the last row and column of ``ceil(H / s)``) take the edge pixel.
+    """
+    n, h, w = masks.shape
+    out = []
+    for s in strides:
+        ys = ((torch.arange(math.ceil(h / s)) + 0.5) * s).long().clamp(max=h - 1)
+        xs = ((torch.arange(math.ceil(w / s)) + 0.5) * s).long().clamp(max=w - 1)
+        out.append(masks[:, ys][:, :, xs].bool())
+    return out
+
+
 def assign_positives(
     level_masks: List[torch.Tensor],
     boxes: torch.Tensor,
     centres: torch.Tensor,
     areas: torch.Tensor,
     params: TargetParams,
+    inside: Optional[List[torch.Tensor]] = None,
 ) -> List[torch.Tensor]:
     """Positive roots of every level: a (hl, wl) map of instance index, -1 where none.
 
@@ -133,31 +151,49 @@ def assign_positives(
         level_masks: per level, the instances' masks on its grid (N, hl, wl).
         boxes: (N, 4) XYXY boxes of the masks; centres: (N, 2) xy centres of mass;
         areas: (N,) mask areas in pixels (ties go to the smaller instance).
+        inside: per level, (N, hl, wl) bool, the cell's centre pixel lies in the mask
+            (``cell_centre_masks``); needed by ``center_in_mask`` ("center" and "atss" modes).
     """
+    in_mask = params.center_in_mask and params.assign_mode in ("center", "atss")
+    if in_mask and inside is None:
+        raise ValueError("assign_positives: center_in_mask needs the cell-centre masks 'inside'")
     n = boxes.shape[0]
     sizes = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
     valid = areas > 0
     candidates, dists = [], []
-    for masks, s in zip(level_masks, params.strides):
+    for lvl, (masks, s) in enumerate(zip(level_masks, params.strides)):
         hl, wl = masks.shape[-2:]
         cy, cx = _cell_centres(hl, wl, s)
         dx = cx - centres[:, 0, None, None]
         dy = cy - centres[:, 1, None, None]
         dists.append(torch.sqrt(dx * dx + dy * dy).expand(n, hl, wl))
-        inside_box = (
+        # candidates lie in the instance's box (and on the instance, with center_in_mask)
+        allowed = (
             (cx >= boxes[:, 0, None, None])
             & (cx <= boxes[:, 2, None, None])
             & (cy >= boxes[:, 1, None, None])
             & (cy <= boxes[:, 3, None, None])
         )
-        # the cell that holds the centre of mass is always a candidate
+        # the cell that holds the centre of mass is always a candidate ...
         ci = (centres[:, 1] / s).long().clamp(0, hl - 1)
         cj = (centres[:, 0] / s).long().clamp(0, wl - 1)
         centre_cell = torch.zeros(n, hl, wl, dtype=torch.bool)
         centre_cell[torch.arange(n), ci, cj] = True
+        if in_mask:
+            # ... or, with center_in_mask, the cell nearest it whose centre is on the instance
+            # (a ring's centre of mass is in its hole); the centre cell when no cell is
+            on = inside[lvl]
+            d = torch.where(on, dists[-1], torch.full_like(dists[-1], math.inf)).reshape(n, hl * wl)
+            dmin, arg = d.min(1)
+            nearest = torch.zeros(n, hl * wl, dtype=torch.bool)
+            nearest[torch.arange(n), arg] = True
+            centre_cell = torch.where(
+                torch.isfinite(dmin)[:, None, None], nearest.view(n, hl, wl), centre_cell
+            )
+            allowed = allowed & on
         if params.assign_mode == "center":
             r = params.center_radius * s
-            cand = ((dx.abs() <= r) & (dy.abs() <= r) & inside_box) | centre_cell
+            cand = ((dx.abs() <= r) & (dy.abs() <= r) & allowed) | centre_cell
         elif params.assign_mode == "mask":
             cand = (masks >= 0.5) | centre_cell
         else:  # atss: ATSS_TOPK nearest cells; thresholded below, across levels
@@ -165,7 +201,7 @@ def assign_positives(
             flat = dists[-1].reshape(n, -1)
             idx = flat.topk(k, dim=1, largest=False).indices
             cand = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
-            cand = cand.view(n, hl, wl) & inside_box | centre_cell
+            cand = cand.view(n, hl, wl) & allowed | centre_cell
         candidates.append(cand)
 
     if params.assign_mode == "atss":
@@ -240,7 +276,8 @@ def prepare_pyramid_targets(instances: Instances, params: TargetParams) -> Dict:
     cx = (masks.sum(1).float() * xs).sum(1) / safe
     cy = (masks.sum(2).float() * ys).sum(1) / safe
     centres = torch.stack([cx, cy], 1)
-    positives = assign_positives(level_masks, boxes, centres, areas, params)
+    inside = cell_centre_masks(masks, params.strides)
+    positives = assign_positives(level_masks, boxes, centres, areas, params, inside)
     levels = torch.full((n,), -1, dtype=torch.long)
     for lvl in reversed(range(len(positives))):
         owners = positives[lvl][positives[lvl] >= 0].unique()

@@ -105,3 +105,38 @@ def test_polygon_masks_are_rasterised():
     inst.gt_classes = torch.zeros(1, dtype=torch.long)
     t = prepare_pyramid_targets(inst, PARAMS)
     assert t["levels"].tolist() == [0] and t["masks"][0].float().sum() > 2
+
+
+def test_center_positives_lie_on_their_own_instance():
+    # an L whose centre-region cells (16-pixel cells, radius 1.5) partly lie off it, and a small
+    # square sitting in the L's empty corner
+    ell = _rect(8, 56, 8, 24) | _rect(40, 56, 8, 56)
+    other = _rect(12, 36, 30, 54)
+    params = TargetParams(strides=(16,), size_ranges=((0, math.inf),), center_radius=1.5)
+    off = TargetParams(
+        strides=(16,), size_ranges=((0, math.inf),), center_radius=1.5, center_in_mask=False
+    )
+    masks = torch.stack([ell, other])
+    for p, only_own in ((params, True), (off, False)):
+        pos = prepare_pyramid_targets(_instances([ell, other]), p)["positives"][0]
+        i, j = (pos >= 0).nonzero(as_tuple=True)
+        on_own = masks[pos[i, j], (i * 16 + 8), (j * 16 + 8)]
+        assert on_own.all() == only_own
+        assert (pos == 0).any() and (pos == 1).any()
+
+
+def test_a_ring_is_rooted_on_the_ring_not_in_its_hole():
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    r = ((yy - 32) ** 2 + (xx - 32) ** 2).sqrt()
+    ring = (r >= 18) & (r < 26)
+    params = TargetParams(strides=(8,), size_ranges=((0, math.inf),), center_radius=1.5)
+    pos = prepare_pyramid_targets(_instances([ring]), params)["positives"][0]
+    i, j = (pos == 0).nonzero(as_tuple=True)
+    assert len(i) >= 1
+    assert ring[i * 8 + 4, j * 8 + 4].all()
+    off = TargetParams(
+        strides=(8,), size_ranges=((0, math.inf),), center_radius=1.5, center_in_mask=False
+    )
+    pos_off = prepare_pyramid_targets(_instances([ring]), off)["positives"][0]
+    i, j = (pos_off == 0).nonzero(as_tuple=True)
+    assert not ring[i * 8 + 4, j * 8 + 4].any()  # without it: the cells around the hole's centre
