@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Where a trained MaskPyramid loses its masks: the positives, growth, and the outputs.
+
+On the test set's images, with their ground truth (the training mapper, without flips):
+1. **Positive roots**: the share whose root pixel lies on its own instance, on another instance,
+   or on background, and their final masks' IoU with the instance, per root level. Growth is
+   teacher-forced there (the positives are spawned, as in training).
+2. **Growth**: the mean IoU of the teacher-forced positives' masks with the instance's mask at
+   every level they pass through (the level's own grid), per root level: what each level adds.
+3. **Recall**: per ground-truth instance and size (COCO's small / medium / large, on the input),
+   the best IoU of any final pyramid of the free-running model (no teacher forcing): what the
+   masks allow; and the best IoU of an output of the right class (what the scores, classes,
+   painting and thresholds keep of it).
+
+Usage:
+  python benchmarks/mask_pyramid_quality.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
+      output/mp_long/model_final.pth [--images 60] [--dataset shapes_val]
+"""
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models_side_by_side import load  # noqa: E402
+
+from maskpyramid.data.mapper import MaskPyramidDatasetMapper  # noqa: E402
+from maskpyramid.modeling import growth as G  # noqa: E402
+from maskpyramid.modeling.inference import logits_to_image  # noqa: E402
+from maskpyramid.modeling.losses import mask_iou  # noqa: E402
+
+SIZES = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
+
+
+def binary_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(A, B) IoU of (A, H, W) and (B, H, W) bool masks."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    inter = a @ b.T
+    return inter / (a.sum(1)[:, None] + b.sum(1)[None] - inter).clamp(min=1)
+
+
+def image_stats(model, x, stats):
+    batched = [x]
+    images = model.preprocess_image(batched)
+    features = model.backbone(images.tensor)
+    feats = [features[f] for f in model.mask_features]
+    cls_maps, iou_maps = model.score_head(feats[: model.n_root])
+    targets = model._batch_targets(batched, feats, images.image_sizes)
+    sizes = images.image_sizes
+    forced = model.grow(feats, cls_maps, iou_maps, sizes, len(feats), targets)
+    full = x["instances"].gt_masks.tensor.to(model.device)  # (M, h, w) on the input
+    h, w = full.shape[-2:]
+    # 1 and 2: teacher-forced positives, at every level
+    for rec in forced:
+        p = rec.pyramids
+        pos = p.target >= 0
+        if not pos.any():
+            continue
+        H, W = p.logits.shape[-2:]
+        valid = G.valid_cells(sizes, rec.stride, H, W, model.device)[p.batch[pos]]
+        iou = mask_iou(p.logits[pos], targets["masks"][rec.level][p.target[pos]], valid)
+        for root_level, v in zip(p.root_level[pos].tolist(), iou.tolist()):
+            stats["growth"][(root_level, rec.name)].append(v)
+        if rec is forced[-1]:
+            xy = p.roots[pos].long()
+            ys, xs = xy[:, 1].clamp(max=h - 1), xy[:, 0].clamp(max=w - 1)
+            own = full[p.target[pos], ys, xs]
+            other = full[:, ys, xs].any(0) & ~own
+            where = torch.where(own, 0, torch.where(other, 1, 2))
+            for root_level, k, v in zip(p.root_level[pos].tolist(), where.tolist(), iou.tolist()):
+                stats["roots"][(root_level, k)].append(v)
+    # 3: the free-running model's final pyramids and its outputs, on the input's grid
+    rec = model.grow(feats, cls_maps, iou_maps, sizes, len(feats))[-1]
+    masks = model.inference(rec, batched, sizes, features)[0]["instances"]
+    pyr = logits_to_image(rec.pyramids.logits, rec.stride, (h, w), tuple(sizes[0])) > 0
+    best_any = binary_iou(full, pyr).amax(1) if len(pyr) else full.new_zeros(len(full)).float()
+    out_iou = binary_iou(full, masks.pred_masks.to(full.device))
+    same = x["instances"].gt_classes[:, None].to(out_iou.device) == masks.pred_classes[None]
+    best_out = (out_iou * same).amax(1) if len(masks) else torch.zeros_like(best_any)
+    areas = full.flatten(1).sum(1).tolist()
+    for a, b, o in zip(areas, best_any.tolist(), best_out.tolist()):
+        for size, low, high in SIZES:
+            if low <= a < high:
+                stats["recall"][size].append((b, o))
+        stats["recall"]["all"].append((b, o))
+    stats["pyramids"].append(len(pyr))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs=2, required=True, metavar=("CFG", "PTH"))
+    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--dataset", default=None, help="default: the config's TEST[0]")
+    args = parser.parse_args()
+    cfg, model = load(*args.model)
+    if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid":
+        sys.exit(f"{args.model[0]}: META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}, "
+                 "not MaskPyramid")  # fmt: skip
+    cfg.defrost()
+    cfg.INPUT.RANDOM_FLIP = "none"
+    mapper = MaskPyramidDatasetMapper(cfg, is_train=True)
+    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    dicts = DatasetCatalog.get(dataset)[: args.images]
+    stats = {"growth": defaultdict(list), "roots": defaultdict(list), "recall": defaultdict(list)}
+    stats["pyramids"] = []
+    with torch.no_grad():
+        for d in dicts:
+            image_stats(model, mapper(dict(d)), stats)
+    names = model.mask_features
+    print(f"{len(dicts)} images of {dataset}, {len(stats['recall']['all'])} instances, "
+          f"{np.mean(stats['pyramids']):.1f} final pyramids per image")  # fmt: skip
+    print("\n1. teacher-forced positives: where the root lies, and the final mask's IoU")
+    print("| root level | on its instance | on another instance | on background |")
+    print("|---|---|---|---|")
+    for lvl in range(model.n_root):
+        groups = [stats["roots"][(lvl, k)] for k in range(3)]
+        n = sum(len(g) for g in groups)
+        if not n:
+            continue
+        cells = [f"{len(g) / n:.2f} (IoU {np.mean(g):.3f})" if g else "0.00 (-)" for g in groups]
+        print(f"| {names[lvl]} ({n}) | " + " | ".join(cells) + " |")
+    print("\n2. teacher-forced growth: mean IoU of the positives' masks on each level's grid")
+    print("| root level | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for lvl in range(model.n_root):
+        cells = [
+            f"{np.mean(stats['growth'][(lvl, n)]):.3f}" if stats["growth"][(lvl, n)] else ""
+            for n in names
+        ]
+        print(f"| {names[lvl]} | " + " | ".join(cells) + " |")
+    print("\n3. per instance: best IoU of any final pyramid / of an output of its class")
+    print("| size | instances | any pyramid: mean IoU | >= 0.5 | >= 0.75 "
+          "| outputs: mean IoU | >= 0.5 | >= 0.75 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for size in ("all",) + tuple(s[0] for s in SIZES):
+        r = np.array(stats["recall"][size]).reshape(-1, 2)
+        if not len(r):
+            continue
+        a, o = r[:, 0], r[:, 1]
+        print(f"| {size} | {len(r)} | {a.mean():.3f} | {np.mean(a >= 0.5):.2f} "
+              f"| {np.mean(a >= 0.75):.2f} | {o.mean():.3f} | {np.mean(o >= 0.5):.2f} "
+              f"| {np.mean(o >= 0.75):.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
