@@ -144,6 +144,14 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # probability then also says how good the mask is, and ranks the outputs by it
     mp.CLASS_BACKGROUND = False
     mp.CLASS_FG_IOU = 0.5
+    # "pooled" with CLASS_BACKGROUND: > 0 also trains the class head on pyramids rooted on no
+    # instance, as inference grows them: in "peaks" training, up to this many non-positive roots
+    # per image and root level (the best-scoring candidates) are spawned besides the positives
+    # (no mask loss, pruned as at inference); every non-positive pyramid alive at the last level
+    # (pseudo pyramids too, in "uncovered" / "both") is labelled with the class of the instance
+    # its mask overlaps best when that IoU >= CLASS_FG_IOU, else background. 0 = off (the class
+    # head then sees the ground truth and the positives only)
+    mp.CLASS_NEGATIVE_ROOTS = 0
     # "pooled": score = root objectness x class probability (True), or the class probability
     # alone (False: with CLASS_BACKGROUND it also says "no instance here")
     mp.CLASS_SCORE_ROOT = True

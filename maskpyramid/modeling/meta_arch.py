@@ -191,6 +191,12 @@ class MaskPyramid(nn.Module):
         )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.class_negatives = int(mp.CLASS_NEGATIVE_ROOTS)
+        if self.class_negatives > 0 and (mp.CLASS_HEAD != "pooled" or not mp.CLASS_BACKGROUND):
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.CLASS_NEGATIVE_ROOTS > 0 trains the pooled class head on "
+                "pyramids of no instance: it needs CLASS_HEAD 'pooled' and CLASS_BACKGROUND True"
+            )
         self.record_pruned = False  # the debugging view sets it to keep pruned masks
 
     @classmethod
@@ -472,8 +478,14 @@ class MaskPyramid(nn.Module):
         if positives is not None:
             is_pos = positives >= 0
             if self.spawn_mode == "peaks":
-                # non-positive peak roots would carry no loss: training spawns the positives only
+                # non-positive peak roots carry no mask loss: training spawns the positives, and
+                # the CLASS_NEGATIVE_ROOTS best-scoring others per image, for the class head only
+                others = cand & ~is_pos
                 cand = is_pos.clone()
+                if self.class_negatives > 0:
+                    ob, oi, oj = others.nonzero(as_tuple=True)
+                    top = G.rank_within_group(ob, score_map[ob, oi, oj]) < self.class_negatives
+                    cand[ob[top], oi[top], oj[top]] = True
             else:
                 cand = cand | is_pos
         b, i, j = cand.nonzero(as_tuple=True)
@@ -758,7 +770,8 @@ class MaskPyramid(nn.Module):
         """Cross-entropy of the pooled class head on every ground-truth instance (its box and
         mask) and on every positive pyramid (the box and probabilities of its own mask; with
         CLASS_BACKGROUND, labelled background when that mask's IoU with its instance is below
-        CLASS_FG_IOU)."""
+        CLASS_FG_IOU); with CLASS_NEGATIVE_ROOTS, also on the other pyramids alive at the last
+        level (``_negative_labels``)."""
         pyr = rec.pyramids
         pos = pyr.target >= 0
         sizes = self._sizes(image_sizes)
@@ -781,12 +794,18 @@ class MaskPyramid(nn.Module):
             [targets["batch"]],
             [targets["classes"]],
         )
-        if pos.any():
-            p_boxes, p_probs = self._mask_boxes(pyr[pos], rec.stride, sizes)
-            probs.append(p_probs)
-            boxes.append(p_boxes)
-            batch.append(pyr.batch[pos])
-            labels.append(pos_labels)
+        sel, sel_labels = [pos], [pos_labels]
+        neg = ~pos if self.class_negatives > 0 else pos.new_zeros(pos.shape)
+        if neg.any():
+            sel.append(neg)
+            sel_labels.append(self._negative_labels(pyr[neg], rec, gt_masks, targets, image_sizes))
+        for s, s_labels in zip(sel, sel_labels):
+            if s.any():
+                s_boxes, s_probs = self._mask_boxes(pyr[s], rec.stride, sizes)
+                probs.append(s_probs)
+                boxes.append(s_boxes)
+                batch.append(pyr.batch[s])
+                labels.append(s_labels)
         labels = torch.cat(labels)
         if not len(labels):
             return sum(p.sum() for p in self.class_head.parameters()) * 0
@@ -794,6 +813,23 @@ class MaskPyramid(nn.Module):
             features, torch.cat(probs), torch.cat(batch), torch.cat(boxes), rec.stride
         )
         return torch.nn.functional.cross_entropy(logits, labels)
+
+    def _negative_labels(self, pyr, rec, gt_masks, targets, image_sizes):
+        """Class labels of pyramids rooted on no instance (CLASS_NEGATIVE_ROOTS): the class of
+        the instance of their image whose mask their final mask overlaps best, when that IoU
+        reaches CLASS_FG_IOU, otherwise background (as Fast R-CNN labels its proposals)."""
+        labels = torch.full_like(pyr.batch, self.num_classes)
+        if not len(gt_masks):
+            return labels
+        H, W = pyr.logits.shape[-2:]
+        valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
+        pred = ((pyr.logits.detach() > 0) & valid[pyr.batch]).flatten(1).float()
+        gt = (gt_masks >= 0.5).flatten(1).float()
+        inter = pred @ gt.T
+        iou = inter / (pred.sum(1)[:, None] + gt.sum(1)[None] - inter).clamp(min=1)
+        iou = torch.where(pyr.batch[:, None] == targets["batch"][None], iou, -1.0)
+        best, owner = iou.max(1)
+        return torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)
 
     def _log_counts(self, records, num_images):
         try:

@@ -43,6 +43,7 @@ KNOBS = {
     "class_pooled": mp(CLASS_HEAD="pooled"),
     "class_pooled_background": mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=True),
     "classes_per_pyramid_1": mp(CLASSES_PER_PYRAMID=1),
+    "class_negative_roots": mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=True, CLASS_NEGATIVE_ROOTS=4),
     "readout_p2": mp(READOUT_FEATURES=["p2"]),
     "readout_p2_growth_off": mp(READOUT_FEATURES=["p2"], GROWTH=False),
     "readout_p2_shared_pooled": mp(
@@ -312,6 +313,72 @@ def test_pooled_background_class_labels_poor_masks_background(mp_cfg, monkeypatc
         out = model(data)
     scores = torch.cat([o["instances"].scores for o in out])
     assert len(scores) and (scores < 1e-3).all()
+
+
+def test_class_negative_roots_are_capped_and_labelled_by_their_best_instance(mp_cfg, monkeypatch):
+    n_neg = 3
+    cfg = mp_cfg(
+        *mp(
+            CLASS_HEAD="pooled", CLASS_BACKGROUND=True, CLASS_NEGATIVE_ROOTS=n_neg,
+            CLASS_FG_IOU=0.05, MAX_PYRAMIDS=50, LOW_THRESHOLD=0.0, TOPK_KEEP=100,
+            PEAK_THRESHOLD=0.0,
+        )
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    c = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES
+    data = _one_batch(cfg)
+    seen = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spy(logits, labels, *args, **kwargs):
+        seen.append(labels.clone())
+        return cross_entropy(logits, labels, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    records = _capture_records(model)
+    with EventStorage(0):
+        losses = model(data)
+    recs = records[0]
+    B = len(data)
+    for rec in recs[: model.n_root]:  # at most n_neg non-positive roots per image and level
+        new = rec.pyramids  # the level's new roots are the pyramids whose root_level is this one
+        new = new[new.root_level == rec.level]
+        others = torch.bincount(new.batch[new.target < 0], minlength=B)
+        assert (others <= n_neg).all()
+    spawned_others = sum(
+        int((r.pyramids.target < 0).sum()) for r in recs[: model.n_root]
+    )  # fmt: skip
+    assert spawned_others > 0  # an untrained model's peaks are not all on positives
+    last = recs[-1].pyramids
+    gt_classes = torch.cat([x["instances"].gt_classes for x in data])
+    pos, neg = last.target >= 0, last.target < 0
+    ((labels,),) = [seen]
+    assert len(labels) == len(gt_classes) + int(pos.sum()) + int(neg.sum())
+    neg_labels = labels[len(gt_classes) + int(pos.sum()) :]
+    # brute force: each negative's best IoU with an instance of its own image
+    gt = model._batch_targets(data, [torch.zeros(B, 1, *last.logits.shape[-2:])] * 5, None)
+    gt_masks = gt["masks"][-1] >= 0.5
+    for k in range(int(neg.sum())):
+        logits = last.logits[neg][k].detach()
+        b = int(last.batch[neg][k])
+        size = data[b]["image"].shape[-2:]
+        h, w = -(-size[0] // recs[-1].stride), -(-size[1] // recs[-1].stride)
+        m = torch.zeros_like(logits, dtype=torch.bool)
+        m[:h, :w] = logits[:h, :w] > 0
+        best, label = -1.0, c
+        for g in (gt["batch"] == b).nonzero()[:, 0].tolist():
+            inter = (m & gt_masks[g]).sum().item()
+            iou = inter / max(1, (m | gt_masks[g]).sum().item())
+            if iou > best:
+                best, label = iou, int(gt_classes[g]) if iou >= 0.05 else c
+        assert int(neg_labels[k]) == label
+    assert torch.isfinite(sum(losses.values()))
+    # and it needs the background class
+    with pytest.raises(ValueError, match="CLASS_NEGATIVE_ROOTS"):
+        build_model(
+            mp_cfg(*mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=False, CLASS_NEGATIVE_ROOTS=2))
+        )
 
 
 # ---------------------------------------------------------------- bad input
