@@ -12,7 +12,6 @@ Usage:
       output/mp_long/model_final.pth [--images 50] [--dataset shapes_val]
 """
 
-import argparse
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models_side_by_side import load  # noqa: E402
+from models_side_by_side import load_mask_pyramid  # noqa: E402
 
 from maskpyramid.engine import Trainer  # noqa: E402
 
@@ -46,15 +45,7 @@ def parts(model):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs=2, required=True, metavar=("CFG", "PTH"))
-    parser.add_argument("--images", type=int, default=50)
-    parser.add_argument("--dataset", default=None, help="default: the config's TEST[0]")
-    args = parser.parse_args()
-    cfg, model = load(*args.model)
-    if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid":
-        sys.exit(f"{args.model[0]}: META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}, "
-                 "not MaskPyramid")  # fmt: skip
+    args, cfg, model = load_mask_pyramid(__doc__, 50)
     spent = defaultdict(float)
     starts = {}
 

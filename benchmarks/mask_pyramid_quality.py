@@ -17,7 +17,6 @@ Usage:
       output/mp_long/model_final.pth [--images 60] [--dataset shapes_val]
 """
 
-import argparse
 import os
 import sys
 from collections import defaultdict
@@ -27,7 +26,7 @@ import torch
 from detectron2.data import DatasetCatalog
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models_side_by_side import load  # noqa: E402
+from models_side_by_side import load_mask_pyramid  # noqa: E402
 
 from maskpyramid.data.mapper import MaskPyramidDatasetMapper  # noqa: E402
 from maskpyramid.modeling import growth as G  # noqa: E402
@@ -92,15 +91,7 @@ def image_stats(model, x, stats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs=2, required=True, metavar=("CFG", "PTH"))
-    parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--dataset", default=None, help="default: the config's TEST[0]")
-    args = parser.parse_args()
-    cfg, model = load(*args.model)
-    if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid":
-        sys.exit(f"{args.model[0]}: META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}, "
-                 "not MaskPyramid")  # fmt: skip
+    args, cfg, model = load_mask_pyramid(__doc__, 60)
     cfg.defrost()
     cfg.INPUT.RANDOM_FLIP = "none"
     mapper = MaskPyramidDatasetMapper(cfg, is_train=True)

@@ -15,6 +15,7 @@ Usage:
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -40,6 +41,21 @@ def load(config_file, weights):
     model = build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     return cfg, model.eval()
+
+
+def load_mask_pyramid(doc: str, images: int):
+    """The command line of the MaskPyramid-only benchmarks (``--model CFG PTH --images N
+    --dataset D``): returns (args, cfg, model); exits when the model is not a MaskPyramid."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", nargs=2, required=True, metavar=("CFG", "PTH"))
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--dataset", default=None, help="default: the config's TEST[0]")
+    args = parser.parse_args()
+    cfg, model = load(*args.model)
+    if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid":
+        sys.exit(f"{args.model[0]}: META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}, "
+                 "not MaskPyramid")  # fmt: skip
+    return args, cfg, model
 
 
 def main():
