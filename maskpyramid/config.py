@@ -96,6 +96,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     mp.GROW_CONVS = 2
     # side of the square window each pyramid's heads work in, cells (pooled with ROIAlign)
     mp.WINDOW_SIZE = 16
+    # ROIAlign's sampling ratio for the windows: points per bin side; 0 = adaptive (ceil of the
+    # bin's size in cells: large windows on fine levels sample densely)
+    mp.WINDOW_SAMPLING_RATIO = 0
     # side of the window a new root's mask-init head sees on levels after the first, in cells
     # of that level (the first level's roots see the whole image)
     mp.INIT_WINDOW = 8

@@ -136,6 +136,7 @@ class MaskPyramid(nn.Module):
         self.mp = mp
         self.spawn_mode = mp.SPAWN_MODE
         self.window = int(mp.WINDOW_SIZE)
+        self.window_sampling = int(mp.WINDOW_SAMPLING_RATIO)
         self.extra = int(mp.EXTRA_CHANNELS)
         self.offsets = float(mp.POSITION_OFFSETS)
         n_extra = self.extra + (2 if self.offsets > 0 else 0)
@@ -384,7 +385,9 @@ class MaskPyramid(nn.Module):
 
     def _windows(self, base, boxes, batch, stride):
         rois = torch.cat([batch[:, None].to(boxes.dtype), boxes], 1)
-        return ROIAlign((self.window, self.window), 1.0 / stride, 0, aligned=True)(base, rois)
+        return ROIAlign(
+            (self.window, self.window), 1.0 / stride, self.window_sampling, aligned=True
+        )(base, rois)
 
     def _extras(self, boxes, pyr_roots, pyr_root_stride, cov, batch, stride):
         pos = position_channels(

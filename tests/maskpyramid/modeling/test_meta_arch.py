@@ -77,6 +77,7 @@ KNOBS = {
     "sem_seg": mp(SEM_SEG_LOSS_WEIGHT=1.0),
     "position_multiply": mp(POSITION_MODE="multiply"),
     "rho_2": mp(POSITION_RHO=2.0),
+    "window_sampling_2": mp(WINDOW_SAMPLING_RATIO=2),
     "offsets": mp(POSITION_OFFSETS=8.0, EXTRA_CHANNELS=3),
     "no_logit_clamp": mp(LOGIT_CLAMP=0.0),
     # one value per level: p6 p5 p4 p3 and the read-out p2
@@ -314,6 +315,22 @@ def test_pooled_background_class_labels_poor_masks_background(mp_cfg, monkeypatc
         out = model(data)
     scores = torch.cat([o["instances"].scores for o in out])
     assert len(scores) and (scores < 1e-3).all()
+
+
+def test_window_sampling_ratio_reaches_roi_align(mp_cfg):
+    import torchvision
+
+    base = torch.randn(1, 4, 32, 32)
+    boxes = torch.tensor([[0.0, 0.0, 256.0, 256.0]])  # bins of several cells at stride 8
+    rois = torch.cat([torch.zeros(1, 1), boxes], 1)
+    windows = {}
+    for ratio in (0, 1, 3):
+        model = build_model(mp_cfg(*mp(WINDOW_SAMPLING_RATIO=ratio)))
+        windows[ratio] = model._windows(base, boxes, torch.zeros(1, dtype=torch.long), 8)
+        size = (model.window, model.window)
+        want = torchvision.ops.roi_align(base, rois, size, 1 / 8, ratio, aligned=True)
+        assert torch.allclose(windows[ratio], want)
+    assert not torch.allclose(windows[0], windows[1])  # adaptive: several points per bin
 
 
 def test_class_negative_roots_are_capped_and_labelled_by_their_best_instance(mp_cfg, monkeypatch):
