@@ -30,17 +30,10 @@ from models_side_by_side import load_mask_pyramid  # noqa: E402
 
 from maskpyramid.data.mapper import MaskPyramidDatasetMapper  # noqa: E402
 from maskpyramid.modeling import growth as G  # noqa: E402
-from maskpyramid.modeling.inference import logits_to_image  # noqa: E402
+from maskpyramid.modeling.inference import logits_to_image, mask_iou_matrix  # noqa: E402
 from maskpyramid.modeling.losses import mask_iou  # noqa: E402
 
 SIZES = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
-
-
-def binary_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(A, B) IoU of (A, H, W) and (B, H, W) bool masks."""
-    a, b = a.flatten(1).float(), b.flatten(1).float()
-    inter = a @ b.T
-    return inter / (a.sum(1)[:, None] + b.sum(1)[None] - inter).clamp(min=1)
 
 
 def image_stats(model, x, stats):
@@ -77,8 +70,8 @@ def image_stats(model, x, stats):
     rec = model.grow(feats, cls_maps, iou_maps, sizes, len(feats))[-1]
     masks = model.inference(rec, batched, sizes, features)[0]["instances"]
     pyr = logits_to_image(rec.pyramids.logits, rec.stride, (h, w), tuple(sizes[0])) > 0
-    best_any = binary_iou(full, pyr).amax(1) if len(pyr) else full.new_zeros(len(full)).float()
-    out_iou = binary_iou(full, masks.pred_masks.to(full.device))
+    best_any = mask_iou_matrix(full, pyr).amax(1) if len(pyr) else full.new_zeros(len(full)).float()
+    out_iou = mask_iou_matrix(full, masks.pred_masks.to(full.device))
     same = x["instances"].gt_classes[:, None].to(out_iou.device) == masks.pred_classes[None]
     best_out = (out_iou * same).amax(1) if len(masks) else torch.zeros_like(best_any)
     areas = full.flatten(1).sum(1).tolist()

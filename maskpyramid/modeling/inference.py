@@ -6,7 +6,7 @@ A pyramid keeping less than ``MIN_KEPT_FRACTION`` of its own mask after painting
 bounding boxes: the model regresses none.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,12 @@ def paint(masks: torch.Tensor, min_kept: float) -> Tuple[torch.Tensor, torch.Ten
     return keep, painted
 
 
-def mask_iou_matrix(masks: torch.Tensor) -> torch.Tensor:
-    """(N, N) IoU of (N, H, W) bool masks."""
+def mask_iou_matrix(masks: torch.Tensor, others: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, M) IoU of (N, H, W) bool masks with (M, H, W) ``others`` (default: themselves)."""
     flat = masks.flatten(1).float()
-    inter = flat @ flat.T
-    area = flat.sum(1)
-    return inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
+    other = flat if others is None else others.flatten(1).float()
+    inter = flat @ other.T
+    return inter / (flat.sum(1)[:, None] + other.sum(1)[None, :] - inter).clamp(min=1)
 
 
 def mask_nms(masks: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import growth as G
 from .heads import PooledClassHead, PyramidMaskHead, ScoreHead, SemSegHead
-from .inference import NMS_MODES, pyramids_to_instances
+from .inference import NMS_MODES, mask_iou_matrix, pyramids_to_instances
 from .losses import (
     MASK_LOSSES,
     dense_class_loss,
@@ -826,10 +826,7 @@ class MaskPyramid(nn.Module):
             return labels
         H, W = pyr.logits.shape[-2:]
         valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
-        pred = ((pyr.logits.detach() > 0) & valid[pyr.batch]).flatten(1).float()
-        gt = (gt_masks >= 0.5).flatten(1).float()
-        inter = pred @ gt.T
-        iou = inter / (pred.sum(1)[:, None] + gt.sum(1)[None] - inter).clamp(min=1)
+        iou = mask_iou_matrix((pyr.logits.detach() > 0) & valid[pyr.batch], gt_masks >= 0.5)
         iou = torch.where(pyr.batch[:, None] == targets["batch"][None], iou, -1.0)
         best, owner = iou.max(1)
         return torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)

@@ -276,7 +276,7 @@ def prepare_pyramid_targets(instances: Instances, params: TargetParams) -> Dict:
     cx = (masks.sum(1).float() * xs).sum(1) / safe
     cy = (masks.sum(2).float() * ys).sum(1) / safe
     centres = torch.stack([cx, cy], 1)
-    inside = cell_centre_masks(masks, params.strides)
+    inside = cell_centre_masks(masks, params.strides) if params.center_in_mask else None
     positives = assign_positives(level_masks, boxes, centres, areas, params, inside)
     levels = torch.full((n,), -1, dtype=torch.long)
     for lvl in reversed(range(len(positives))):
