@@ -125,7 +125,8 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # 3x3 convs of the dense root-score (class) tower, shared across levels
     mp.SCORE_CONVS = 2
     # pyramid score: "root" (class probability at the root) or "maskiou" (times a predicted mask
-    # IoU, mask-scoring style)
+    # IoU, mask-scoring style: predicted by the pooled class head from the pyramid's final mask
+    # with CLASS_HEAD "pooled", else by the dense score head at the root)
     mp.SCORE_MODE = "root"
     # where a pyramid's class comes from: "root" (the dense head's class at its root) or "pooled"
     # (a classifier over the FPN features and the pyramid's own mask, RoIAligned on the box of its

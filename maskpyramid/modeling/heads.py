@@ -141,7 +141,9 @@ class PooledClassHead(nn.Module):
     on the FPN level its size picks); the pyramid's own mask, pooled on
     the same box, joins as one more channel (so an occluder inside the box is not the object);
     detectron2's ``FastRCNNConvFCHead`` (3x3 convs with GroupNorm, then fully connected layers)
-    and a linear layer give class logits. No box regression. The GroupNorm matters: on the raw
+    and a linear layer give class logits (and, with ``maskiou``, a second linear layer the logit
+    of the mask's IoU with its instance, as Mask Scoring R-CNN's MaskIoU head, but class-agnostic
+    and on the same features). No box regression. The GroupNorm matters: on the raw
     FPN features of a from-scratch backbone, fully connected layers alone diverged at a learning
     rate of 0.02 (shapes, about 120 iterations).
     """
@@ -156,6 +158,7 @@ class PooledClassHead(nn.Module):
         conv_dim: int,
         num_fc: int,
         fc_dim: int,
+        maskiou: bool = False,
     ):
         super().__init__()
         levels = [int(math.log2(s)) for s in strides]
@@ -179,6 +182,11 @@ class PooledClassHead(nn.Module):
         self.cls_score = nn.Linear(fc_dim, num_classes)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.constant_(self.cls_score.bias, 0)
+        self.mask_iou = None
+        if maskiou:
+            self.mask_iou = nn.Linear(fc_dim, 1)
+            nn.init.normal_(self.mask_iou.weight, std=0.01)
+            nn.init.constant_(self.mask_iou.bias, 0)
 
     def forward(
         self,
@@ -186,16 +194,18 @@ class PooledClassHead(nn.Module):
         boxes: torch.Tensor,
         batch: torch.Tensor,
         pooled_masks: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """features: the CLASS_POOL_FEATURES maps; boxes: (K, 4) XYXY pixels of images
         ``batch`` (K,); pooled_masks: (K, 1, R, R) mask probabilities on the same boxes.
-        Returns (K, C) class logits."""
+        Returns (K, C) class logits and (K,) mask-IoU logits (None without ``maskiou``)."""
         # ROIPooler takes one Boxes per image and returns them in that order
         order = torch.argsort(batch, stable=True)
         counts = torch.bincount(batch, minlength=features[0].shape[0]).tolist()
         pooled = self.pooler(features, [Boxes(b) for b in boxes[order].split(counts)])
         pooled = torch.empty_like(pooled).index_copy(0, order, pooled)
-        return self.cls_score(self.fc(torch.cat([pooled, pooled_masks], 1)))
+        x = self.fc(torch.cat([pooled, pooled_masks], 1))
+        iou = self.mask_iou(x)[:, 0] if self.mask_iou is not None else None
+        return self.cls_score(x), iou
 
 
 class SemSegHead(nn.Module):

@@ -16,6 +16,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from torch import nn
+from torch.nn import functional as F
 
 from . import growth as G
 from .heads import PooledClassHead, PyramidMaskHead, ScoreHead, SemSegHead
@@ -141,8 +142,14 @@ class MaskPyramid(nn.Module):
         self.offsets = float(mp.POSITION_OFFSETS)
         n_extra = self.extra + (2 if self.offsets > 0 else 0)
 
+        # SCORE_MODE "maskiou": the IoU is predicted by the pooled class head when there is one
+        # (it sees the pyramid's mask), else by the dense score head at the root
+        self.pooled_maskiou = mp.SCORE_MODE == "maskiou" and mp.CLASS_HEAD == "pooled"
         self.score_head = ScoreHead(
-            channels, num_classes, mp.SCORE_CONVS, mp.SCORE_MODE == "maskiou"
+            channels,
+            num_classes,
+            mp.SCORE_CONVS,
+            mp.SCORE_MODE == "maskiou" and not self.pooled_maskiou,
         )
         out_ch = num_classes if mp.CLASS_SPECIFIC_MASKS else 1
         shared = mp.HEAD_SHARING == "shared"
@@ -186,6 +193,7 @@ class MaskPyramid(nn.Module):
                 mp.CLASS_CONV_DIM,
                 mp.CLASS_NUM_FC,
                 mp.CLASS_FC_DIM,
+                maskiou=self.pooled_maskiou,
             )
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
@@ -247,8 +255,8 @@ class MaskPyramid(nn.Module):
         records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on, targets)
         losses = self.losses(records, cls_maps, targets, feats, images.image_sizes)
         if self.class_head is not None:
-            losses["loss_cls_pooled"] = self.mp.POOLED_CLASS_LOSS_WEIGHT * self._pooled_class_loss(
-                records[-1], targets, features, images.image_sizes
+            losses.update(
+                self._pooled_class_loss(records[-1], targets, features, images.image_sizes)
             )
         self._log_counts(records, len(batched_inputs))
         return losses
@@ -691,7 +699,7 @@ class MaskPyramid(nn.Module):
         if mp.TERRITORY_WEIGHT > 0:
             terms = torch.cat(territory_terms) if territory_terms else zero[None]
             out["loss_territory"] = mp.TERRITORY_WEIGHT * (terms.mean() if len(terms) else zero)
-        if mp.SCORE_MODE == "maskiou":
+        if mp.SCORE_MODE == "maskiou" and not self.pooled_maskiou:
             out["loss_maskiou"] = mp.MASKIOU_LOSS_WEIGHT * self._maskiou_loss(
                 records[-1], targets, image_sizes
             )
@@ -744,7 +752,8 @@ class MaskPyramid(nn.Module):
     # ------------------------------------------------------------------ pooled classes
     def _pooled_class_logits(self, features, probs, batch, boxes, stride):
         """(K, C) class logits of masks ``probs`` (K, H, W) on a level of ``stride``, whose boxes
-        (K, 4) are in input pixels (CLASS_HEAD "pooled")."""
+        (K, 4) are in input pixels (CLASS_HEAD "pooled"), and (K,) mask-IoU logits (None unless
+        SCORE_MODE "maskiou")."""
         r = self.mp.CLASS_POOL_RESOLUTION
         idx = torch.arange(len(probs), device=probs.device, dtype=boxes.dtype)
         pooled_masks = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(
@@ -769,23 +778,32 @@ class MaskPyramid(nn.Module):
         )
         return torch.where(nonempty[:, None], boxes, fallback)
 
-    def _pooled_class_loss(self, rec, targets, features, image_sizes):
-        """Cross-entropy of the pooled class head on every ground-truth instance (its box and
-        mask) and on every positive pyramid (the box and probabilities of its own mask; with
-        CLASS_BACKGROUND, labelled background when that mask's IoU with its instance is below
-        CLASS_FG_IOU); with CLASS_NEGATIVE_ROOTS, also on the other pyramids alive at the last
-        level (``_negative_labels``)."""
+    def _pooled_class_loss(self, rec, targets, features, image_sizes) -> Dict[str, torch.Tensor]:
+        """Cross-entropy of the pooled class head (``loss_cls_pooled``) on every ground-truth
+        instance (its box and mask) and on every positive pyramid (the box and probabilities of
+        its own mask; with CLASS_BACKGROUND, labelled background when that mask's IoU with its
+        instance is below CLASS_FG_IOU); with CLASS_NEGATIVE_ROOTS, also on the other pyramids
+        alive at the last level (``_negative_labels``).
+
+        With SCORE_MODE "maskiou", also ``loss_maskiou``: binary cross-entropy of the predicted
+        mask IoU against the IoU of each pyramid's final mask (logit > 0) with its instance (for
+        the other pyramids: with the instance it overlaps best, 0 for none), on the pyramids only
+        (a ground-truth mask's IoU is 1 by construction). Its minimum is the targets' entropy,
+        not 0."""
         pyr = rec.pyramids
         pos = pyr.target >= 0
         sizes = self._sizes(image_sizes)
         gt_masks = targets["masks"][rec.level]
         pos_labels = targets["classes"][pyr.target[pos]]
-        if self.mp.CLASS_BACKGROUND and pos.any():
+        iou_targets = []
+        if (self.mp.CLASS_BACKGROUND or self.pooled_maskiou) and pos.any():
             H, W = pyr.logits.shape[-2:]
             valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
             iou = mask_iou(
                 pyr.logits[pos].detach(), gt_masks[pyr.target[pos]], valid[pyr.batch[pos]]
             )
+            iou_targets.append(iou)
+        if self.mp.CLASS_BACKGROUND and pos.any():
             pos_labels = torch.where(
                 iou >= self.mp.CLASS_FG_IOU,
                 pos_labels,
@@ -800,8 +818,12 @@ class MaskPyramid(nn.Module):
         sel, sel_labels = [pos], [pos_labels]
         neg = ~pos if self.class_negatives > 0 else pos.new_zeros(pos.shape)
         if neg.any():
+            neg_labels, neg_iou = self._negative_labels(
+                pyr[neg], rec, gt_masks, targets, image_sizes
+            )
             sel.append(neg)
-            sel_labels.append(self._negative_labels(pyr[neg], rec, gt_masks, targets, image_sizes))
+            sel_labels.append(neg_labels)
+            iou_targets.append(neg_iou)
         for s, s_labels in zip(sel, sel_labels):
             if s.any():
                 s_boxes, s_probs = self._mask_boxes(pyr[s], rec.stride, sizes)
@@ -810,26 +832,38 @@ class MaskPyramid(nn.Module):
                 batch.append(pyr.batch[s])
                 labels.append(s_labels)
         labels = torch.cat(labels)
+        zero = sum(p.sum() for p in self.class_head.parameters()) * 0
+        out = {"loss_cls_pooled": zero}
+        if self.pooled_maskiou:
+            out["loss_maskiou"] = zero
         if not len(labels):
-            return sum(p.sum() for p in self.class_head.parameters()) * 0
-        logits = self._pooled_class_logits(
+            return out
+        logits, iou_logits = self._pooled_class_logits(
             features, torch.cat(probs), torch.cat(batch), torch.cat(boxes), rec.stride
         )
-        return torch.nn.functional.cross_entropy(logits, labels)
+        out["loss_cls_pooled"] = self.mp.POOLED_CLASS_LOSS_WEIGHT * F.cross_entropy(logits, labels)
+        n_gt = len(targets["classes"])  # the ground-truth masks come first
+        if self.pooled_maskiou and len(labels) > n_gt:
+            out["loss_maskiou"] = self.mp.MASKIOU_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
+                iou_logits[n_gt:], torch.cat(iou_targets)
+            )
+        return out
 
     def _negative_labels(self, pyr, rec, gt_masks, targets, image_sizes):
         """Class labels of pyramids rooted on no instance (CLASS_NEGATIVE_ROOTS): the class of
         the instance of their image whose mask their final mask overlaps best, when that IoU
-        reaches CLASS_FG_IOU, otherwise background (as Fast R-CNN labels its proposals)."""
+        reaches CLASS_FG_IOU, otherwise background (as Fast R-CNN labels its proposals); and that
+        best IoU (0 without instances), the target of the pooled mask-IoU output."""
         labels = torch.full_like(pyr.batch, self.num_classes)
         if not len(gt_masks):
-            return labels
+            return labels, torch.zeros_like(pyr.batch, dtype=torch.float32)
         H, W = pyr.logits.shape[-2:]
         valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
         iou = mask_iou_matrix((pyr.logits.detach() > 0) & valid[pyr.batch], gt_masks >= 0.5)
         iou = torch.where(pyr.batch[:, None] == targets["batch"][None], iou, -1.0)
         best, owner = iou.max(1)
-        return torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)
+        labels = torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)
+        return labels, best.clamp(min=0)
 
     def _log_counts(self, records, num_images):
         try:
@@ -885,7 +919,11 @@ class MaskPyramid(nn.Module):
             if run.any():
                 sub = pyr[run]
                 boxes, probs = self._mask_boxes(sub, rec.stride, self._sizes(image_sizes))
-                scores[run] = self._pooled_class_logits(
+                logits, iou_logits = self._pooled_class_logits(
                     features, probs, sub.batch, boxes, rec.stride
-                ).softmax(1)[:, : self.num_classes]
+                )
+                scores[run] = logits.softmax(1)[:, : self.num_classes]
+                if iou_logits is not None:
+                    quality = quality.clone()
+                    quality[run] = quality[run] * iou_logits.sigmoid()
         return scores * quality[:, None]

@@ -252,7 +252,7 @@ def test_pooled_class_head_skips_pyramids_below_the_score_threshold(mp_cfg):
     features = []
     model.backbone.register_forward_hook(lambda m, i, out: features.append(out))
     seen = []
-    model.class_head.register_forward_hook(lambda m, i, out: seen.append(len(out)))
+    model.class_head.register_forward_hook(lambda m, i, out: seen.append(len(out[0])))
     with torch.no_grad():
         model(data)
         rec = records[0][-1]
@@ -315,6 +315,62 @@ def test_pooled_background_class_labels_poor_masks_background(mp_cfg, monkeypatc
         out = model(data)
     scores = torch.cat([o["instances"].scores for o in out])
     assert len(scores) and (scores < 1e-3).all()
+
+
+def test_pooled_maskiou_learns_the_final_masks_iou_and_scales_the_scores(mp_cfg, monkeypatch):
+    cfg = mp_cfg(
+        *mp(
+            CLASS_HEAD="pooled", CLASS_BACKGROUND=True, SCORE_MODE="maskiou",
+            CLASS_NEGATIVE_ROOTS=3, SCORE_THRESH_TEST=0.0, CLASSES_PER_PYRAMID=1,
+        )
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.score_head.maskiou is None and model.class_head.mask_iou is not None
+    data = _one_batch(cfg)
+    seen = []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits, targets, *args, **kwargs):
+        seen.append((logits.detach().clone(), targets.clone()))
+        return bce(logits, targets, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", spy)
+    records = _capture_records(model)
+    with EventStorage(0):
+        losses = model(data)
+    assert "loss_maskiou" in losses and losses["loss_maskiou"] > 0
+    ((logits, targets),) = [x for x in seen if x[0].dim() == 1]
+    # one IoU per pyramid alive at the last level (positives first, then the others), none for
+    # the ground-truth masks; a positive's target is its final mask's IoU with its instance
+    last = records[0][-1]
+    pyr = last.pyramids
+    pos = pyr.target >= 0
+    assert len(targets) == len(pyr) and 0 < int(pos.sum()) < len(pyr)
+    gt = model._batch_targets(data, [torch.zeros(len(data), 1, *pyr.logits.shape[-2:])] * 5, None)
+    valid = meta_arch.G.valid_cells(
+        [(x["image"].shape[1], x["image"].shape[2]) for x in data], last.stride,
+        *pyr.logits.shape[-2:], pyr.logits.device,
+    )  # fmt: skip
+    want = meta_arch.mask_iou(
+        pyr.logits[pos], gt["masks"][-1][pyr.target[pos]], valid[pyr.batch[pos]]
+    )
+    assert torch.allclose(targets[: int(pos.sum())], want)
+    assert ((targets >= 0) & (targets <= 1)).all()
+    losses["loss_maskiou"].backward()
+    assert model.class_head.mask_iou.weight.grad.abs().sum() > 0
+    # inference: the scores are multiplied by the predicted IoU
+    model.eval()
+    head = model.class_head
+    with torch.no_grad():
+        head.mask_iou.weight.zero_()
+        head.mask_iou.bias.fill_(10.0)  # IoU ~1
+        full = model(data)
+        head.mask_iou.bias.fill_(0.0)  # IoU 0.5
+        half = model(data)
+    for f, h in zip(full, half):
+        assert len(f["instances"])
+        assert torch.allclose(h["instances"].scores * 2, f["instances"].scores, rtol=1e-3)
 
 
 def test_window_sampling_ratio_reaches_roi_align(mp_cfg):
