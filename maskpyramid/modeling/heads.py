@@ -82,6 +82,7 @@ class PyramidMaskHead(nn.Module):
         out_channels: int,
         skip: bool,
         feature_convs: int = 0,
+        tower_channels: int = 0,
     ):
         super().__init__()
         if position_mode not in ("concat", "multiply"):
@@ -89,13 +90,20 @@ class PyramidMaskHead(nn.Module):
                 f"MODEL.MASK_PYRAMID.POSITION_MODE must be concat or multiply, got {position_mode}"
             )
         self.position_mode = position_mode
-        # per-image tower before the split first conv (runs once per image, not per pyramid)
-        tower = []
+        # per-image tower before the split first conv (runs once per image, not per pyramid), at
+        # the FPN's width or at ``tower_channels`` (its first conv narrows the features)
+        if tower_channels < 0:
+            raise ValueError(
+                f"MODEL.MASK_PYRAMID.TOWER_CHANNELS must be >= 0, got {tower_channels}"
+            )
+        width = tower_channels or in_channels
+        tower, c_in = [], in_channels
         for _ in range(feature_convs):
-            tower += [Conv2d(in_channels, in_channels, 3, padding=1, bias=False)]
-            tower += [_group_norm(in_channels), nn.ReLU(inplace=True)]
+            tower += [Conv2d(c_in, width, 3, padding=1, bias=False)]
+            tower += [_group_norm(width), nn.ReLU(inplace=True)]
+            c_in = width
         self.tower = nn.Sequential(*tower)
-        self.feature_conv = Conv2d(in_channels, channels, 3, padding=1)
+        self.feature_conv = Conv2d(c_in, channels, 3, padding=1)
         # "multiply": the Gaussian (extra channel 0) multiplies the features; the rest join by conv
         n_conv_extra = num_extra if position_mode == "concat" else num_extra - 1
         self.extra_conv = Conv2d(n_conv_extra, channels, 3, padding=1) if n_conv_extra else None

@@ -164,6 +164,7 @@ class MaskPyramid(nn.Module):
                 out_ch,
                 mp.GROW_SKIP,
                 mp.FEATURE_CONVS,
+                mp.TOWER_CHANNELS,
             )
 
         # one init head per root level, one grow head per level (that of the first level is not

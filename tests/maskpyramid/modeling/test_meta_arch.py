@@ -54,6 +54,7 @@ KNOBS = {
     ),
     "loss_bce": mp(MASK_LOSS="bce"),
     "no_feature_convs": mp(FEATURE_CONVS=0),
+    "tower_channels_8": mp(TOWER_CHANNELS=8),
     "loss_l1": mp(MASK_LOSS="l1"),
     "loss_l2": mp(MASK_LOSS="l2"),
     "nms_mask": mp(NMS="mask"),
@@ -371,6 +372,24 @@ def test_pooled_maskiou_learns_the_final_masks_iou_and_scales_the_scores(mp_cfg,
     for f, h in zip(full, half):
         assert len(f["instances"])
         assert torch.allclose(h["instances"].scores * 2, f["instances"].scores, rtol=1e-3)
+
+
+def test_tower_channels_narrow_the_per_image_towers(mp_cfg):
+    wide = build_model(mp_cfg())
+    narrow = build_model(mp_cfg(*mp(TOWER_CHANNELS=8)))
+    fpn = mp_cfg().MODEL.FPN.OUT_CHANNELS
+    for model, width in ((wide, fpn), (narrow, 8)):
+        for head in [*model.init_heads, *model.grow_heads]:
+            convs = [m for m in head.tower if isinstance(m, torch.nn.Conv2d)]
+            assert len(convs) == 2 and convs[0].in_channels == fpn
+            assert all(c.out_channels == width for c in convs)
+            assert head.feature_conv.in_channels == width
+            x = torch.randn(1, fpn, 6, 6)
+            assert head.image_features(x).shape == (1, head.feature_conv.out_channels, 6, 6)
+    n_params = [sum(p.numel() for p in m.grow_heads.parameters()) for m in (wide, narrow)]
+    assert n_params[1] < n_params[0]
+    with pytest.raises(ValueError, match="TOWER_CHANNELS"):
+        build_model(mp_cfg(*mp(TOWER_CHANNELS=-1)))
 
 
 def test_window_sampling_ratio_reaches_roi_align(mp_cfg):
