@@ -178,12 +178,14 @@ def pyramids_to_instances(
     masks = logits_to_image(logits[used], stride, output_size, input_size) > logit_thresh
     if painted_output and len(masks):
         _, masks = paint(masks, 0.0)  # among the pyramids, in order of their first score
-    masks = masks[inverse]
-    nonempty = masks.flatten(1).any(1)
-    masks, scores, classes = masks[nonempty], scores[nonempty], classes[nonempty]
+    # boxes as BitMasks' (no loop), once per pyramid, not per hypothesis
+    boxes, nonempty = mask_extents(masks)
+    keep = nonempty[inverse]
+    inverse = inverse[keep]
     result = Instances(output_size)
-    result.pred_masks = masks
-    result.pred_boxes = Boxes(mask_extents(masks)[0].float())  # as BitMasks' boxes, no loop
+    result.pred_masks = masks[inverse]
+    result.pred_boxes = Boxes(boxes[inverse].float())
+    scores, classes = scores[keep], classes[keep]
     result.scores = scores
     result.pred_classes = classes
     return result
