@@ -48,8 +48,13 @@ STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def coco_ground_truth(dataset: str) -> COCO:
-    coco = COCO()
+    """The ground truth as COCOEvaluator loads it: the dataset's COCO json file when it has one
+    (its areas define small / medium / large), else detectron2's conversion of its dicts."""
+    json_file = getattr(MetadataCatalog.get(dataset), "json_file", None)
     with contextlib.redirect_stdout(io.StringIO()):
+        if json_file and os.path.exists(json_file):
+            return COCO(json_file)
+        coco = COCO()
         coco.dataset = convert_to_coco_dict(dataset)
         coco.createIndex()
     return coco
