@@ -58,15 +58,21 @@ def load_mask_pyramid(doc: str, images: int):
     return args, cfg, model
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_models(doc: str, images: int):
+    """The command line of the benchmarks comparing models (``--model CFG PTH`` repeated,
+    ``--images N --dataset D``): returns (args, [(cfg, model), ...], dataset)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", nargs=2, action="append", required=True, metavar=("CFG", "PTH"))
-    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--dataset", default=None, help="default: the first config's TEST[0]")
     args = parser.parse_args()
     models = [load(c, w) for c, w in args.model]
-    cfg0 = models[0][0]
-    loader = Trainer.build_test_loader(cfg0, args.dataset or cfg0.DATASETS.TEST[0])
+    return args, models, args.dataset or models[0][0].DATASETS.TEST[0]
+
+
+def main():
+    args, models, dataset = load_models(__doc__, 100)
+    loader = Trainer.build_test_loader(models[0][0], dataset)
     times = [[] for _ in models]
     counts = [{t: [] for t in THRESHOLDS} for _ in models]
     with torch.no_grad():
@@ -80,7 +86,7 @@ def main():
                     times[k].append(time.perf_counter() - start)
                     for t in THRESHOLDS:
                         counts[k][t].append(int((out.scores > t).sum()))
-    print(f"{len(times[0])} images of {args.dataset or cfg0.DATASETS.TEST[0]}, "
+    print(f"{len(times[0])} images of {dataset}, "
           f"torch threads {torch.get_num_threads()}, batch 1")  # fmt: skip
     head = " | ".join(f"masks/img > {t}" for t in THRESHOLDS)
     print(f"| model | inference s/image (mean / median) | {head} |")

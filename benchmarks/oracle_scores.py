@@ -23,7 +23,6 @@ Usage:
       [--model CFG PTH ...] [--images 300] [--dataset shapes_val]
 """
 
-import argparse
 import contextlib
 import io
 import os
@@ -39,7 +38,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models_side_by_side import load  # noqa: E402
+from models_side_by_side import load_models  # noqa: E402
 
 from maskpyramid.engine import Trainer  # noqa: E402
 
@@ -145,13 +144,7 @@ def run_model(cfg, model, dataset: str, images: int, gt: COCO):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs=2, action="append", required=True, metavar=("CFG", "PTH"))
-    parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--dataset", default=None, help="default: the first config's TEST[0]")
-    args = parser.parse_args()
-    models = [load(c, w) for c, w in args.model]
-    dataset = args.dataset or models[0][0].DATASETS.TEST[0]
+    args, models, dataset = load_models(__doc__, 300)
     gt = coco_ground_truth(dataset)
     print(f"segm AP on {dataset} under each scoring (the outputs themselves unchanged)")
     print("| model | scoring | " + " | ".join(STATS) + " |")
