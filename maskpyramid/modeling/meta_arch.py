@@ -594,7 +594,7 @@ class MaskPyramid(nn.Module):
         extras = self._extras(boxes, roots, root_stride, cov, b, stride)
         logits_win, hidden = head(pooled, extras)
         classes = cls_logits.argmax(1) if len(b) else b
-        if targets is not None and len(b):  # positives use their instance's class
+        if targets is not None and len(targets["classes"]):  # positives: their instance's class
             gt_cls = targets["classes"][target.clamp(min=0)]
             classes = torch.where(target >= 0, gt_cls, classes)
         win = self._select_class_channel(logits_win, classes)

@@ -271,8 +271,11 @@ def test_pooled_class_head_skips_pyramids_below_the_score_threshold(mp_cfg):
 @pytest.mark.parametrize("fg_iou", [0.5, 0.0])
 def test_pooled_background_class_labels_poor_masks_background(mp_cfg, monkeypatch, fg_iou):
     cfg = mp_cfg(
-        *mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=True, CLASS_FG_IOU=fg_iou, SCORE_THRESH_TEST=0.0)
-    )
+        *mp(
+            CLASS_HEAD="pooled", CLASS_BACKGROUND=True, CLASS_FG_IOU=fg_iou, SCORE_THRESH_TEST=0.0,
+            CLASS_NEGATIVE_ROOTS=0,  # the ground truth and the positives only
+        )
+    )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg)
     c = cfg.MODEL.MASK_PYRAMID.NUM_CLASSES
@@ -512,8 +515,10 @@ def _noise(h, w, seed=0):
 
 def test_zero_ground_truth(mp_cfg):
     losses, out = _train_and_infer(mp_cfg(), [_input(_noise(64, 64), [])])
-    assert all(float(v) == 0 for k, v in losses.items() if k.startswith("loss_mask"))
+    assert all(float(v) == 0 for k, v in losses.items() if k.startswith("loss_mask_"))
     assert losses["loss_cls"] > 0  # every pixel is a negative
+    # the config's class negatives still train the pooled head: background, mask IoU 0
+    assert losses["loss_cls_pooled"] > 0 and losses["loss_maskiou"] > 0
 
 
 def test_all_background_image_at_inference_gives_no_output(mp_cfg):
