@@ -21,7 +21,7 @@ $(STAMP): $(SETUP_INPUTS)
 	touch $(STAMP)
 
 # The demo trains the shapes config's 200 iterations without its class negatives (which make a
-# training step about 1.7x slower, and `make demo` must stay under 15 minutes on 2 CPU cores);
+# training step about 1.5x slower, and `make demo` must stay under 15 minutes on 2 CPU cores);
 # the config itself, e.g. its _long twin, trains with them.
 DEMO_OPTS := MODEL.MASK_PYRAMID.CLASS_NEGATIVE_ROOTS 0 MODEL.MASK_PYRAMID.SCORE_MODE root
 
