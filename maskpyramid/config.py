@@ -189,6 +189,27 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # auxiliary per-class semantic segmentation on the last level (YOLACT); 0 = off
     mp.SEM_SEG_LOSS_WEIGHT = 0.0
 
+    # --- refinement at object resolution (the last growth step, to the input's resolution) ---
+    # each final pyramid's mask is refined inside its own mask box (probability > 0.5, no box
+    # regression) by a Mask R-CNN-style head (detectron2's MaskRCNNConvUpsampleHead: 3x3 convs
+    # on ROIAlign-pooled FPN features plus the pyramid's mask, then a 2x deconv), which adds to
+    # the pyramid's logits resampled into the box: REFINE_RESOLUTION x REFINE_RESOLUTION logits
+    # (pooled at half of it) pasted into the image. A mask on the stride-4 grid has 4x4 cells for
+    # a 16-pixel object. 0 = off: masks are read out on the last level's grid
+    mp.REFINE_RESOLUTION = 0
+    # FPN levels to pool from (each box's level by its size, as Mask R-CNN's ROIPooler)
+    mp.REFINE_FEATURES = ["p2", "p3", "p4", "p5"]
+    mp.REFINE_CONVS = 4
+    mp.REFINE_CHANNELS = 64
+    # the mask box grows by this fraction of its side, plus half a cell of the last level, on
+    # each side (room to grow beyond the coarse mask)
+    mp.REFINE_BOX_MARGIN = 0.1
+    # binary cross-entropy against the ground-truth mask cropped to the box, on positive
+    # pyramids (as Mask R-CNN's mask loss, on its foreground proposals)
+    mp.REFINE_LOSS_WEIGHT = 1.0
+    # at most this many positive pyramids per image enter the loss (random), bounding its cost
+    mp.REFINE_MAX_PER_IMAGE = 32
+
     # --- inference ---
     mp.SCORE_THRESH_TEST = 0.05
     mp.DETECTIONS_PER_IMAGE = 100

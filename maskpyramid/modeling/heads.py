@@ -16,11 +16,12 @@ import torch
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
+from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from detectron2.structures import Boxes
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ScoreHead", "PyramidMaskHead", "PooledClassHead", "SemSegHead"]
+__all__ = ["ScoreHead", "PyramidMaskHead", "PooledClassHead", "RefineHead", "SemSegHead"]
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -30,6 +31,15 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     while groups > 1 and (channels % groups or channels // groups < 2):
         groups //= 2
     return nn.GroupNorm(groups, channels)
+
+
+def _pool_per_image(pooler: ROIPooler, features, boxes: torch.Tensor, batch: torch.Tensor):
+    """``ROIPooler`` over (K, 4) boxes of images ``batch`` (K,), in the boxes' order (the
+    pooler takes one ``Boxes`` per image and returns them image by image)."""
+    order = torch.argsort(batch, stable=True)
+    counts = torch.bincount(batch, minlength=features[0].shape[0]).tolist()
+    pooled = pooler(features, [Boxes(b) for b in boxes[order].split(counts)])
+    return torch.empty_like(pooled).index_copy(0, order, pooled)
 
 
 class ScoreHead(nn.Module):
@@ -206,14 +216,70 @@ class PooledClassHead(nn.Module):
         """features: the CLASS_POOL_FEATURES maps; boxes: (K, 4) XYXY pixels of images
         ``batch`` (K,); pooled_masks: (K, 1, R, R) mask probabilities on the same boxes.
         Returns (K, C) class logits and (K,) mask-IoU logits (None without ``maskiou``)."""
-        # ROIPooler takes one Boxes per image and returns them in that order
-        order = torch.argsort(batch, stable=True)
-        counts = torch.bincount(batch, minlength=features[0].shape[0]).tolist()
-        pooled = self.pooler(features, [Boxes(b) for b in boxes[order].split(counts)])
-        pooled = torch.empty_like(pooled).index_copy(0, order, pooled)
+        pooled = _pool_per_image(self.pooler, features, boxes, batch)
         x = self.fc(torch.cat([pooled, pooled_masks], 1))
         iou = self.mask_iou(x)[:, 0] if self.mask_iou is not None else None
         return self.cls_score(x), iou
+
+
+class RefineHead(nn.Module):
+    """The last growth step, at object resolution (``REFINE_RESOLUTION``).
+
+    Each pyramid's mask box is pooled from the FPN with detectron2's ``ROIPooler``
+    (``ROIAlignV2``, the level by the box's size) at half the output resolution; the pyramid's
+    mask probabilities, pooled on the same box, join as one more channel; detectron2's
+    ``MaskRCNNConvUpsampleHead`` (3x3 convs, 2x deconv, 1x1 predictor; class-agnostic) gives a
+    correction that adds to the pyramid's own logits resampled into the box. The predictor
+    starts near 0, so the refined mask starts as the pyramid's.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        strides: List[int],
+        resolution: int,
+        num_conv: int,
+        conv_dim: int,
+    ):
+        super().__init__()
+        if resolution % 2 or resolution < 2:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.REFINE_RESOLUTION must be an even number >= 2 (the head "
+                f"pools at half of it and upsamples 2x), got {resolution}"
+            )
+        if num_conv < 1 or conv_dim < 1:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.REFINE_CONVS and REFINE_CHANNELS must be >= 1, got "
+                f"{num_conv} and {conv_dim}"
+            )
+        levels = [int(math.log2(s)) for s in strides]
+        if levels != list(range(levels[0], levels[0] + len(levels))):
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.REFINE_FEATURES must be consecutive FPN levels, got "
+                f"strides {strides}"
+            )
+        self.resolution = resolution
+        self.pooler = ROIPooler(resolution // 2, [1.0 / s for s in strides], 0, "ROIAlignV2")
+        self.mask_head = MaskRCNNConvUpsampleHead(
+            ShapeSpec(channels=in_channels + 1, height=resolution // 2, width=resolution // 2),
+            num_classes=1,
+            conv_dims=[conv_dim] * (num_conv + 1),
+        )
+
+    def forward(
+        self,
+        features: List[torch.Tensor],
+        boxes: torch.Tensor,
+        batch: torch.Tensor,
+        pooled_probs: torch.Tensor,
+        prior_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """features: the REFINE_FEATURES maps; boxes (K, 4) XYXY pixels of images ``batch``
+        (K,); pooled_probs (K, 1, R/2, R/2): the pyramids' mask probabilities on the boxes;
+        prior_logits (K, R, R): their logits on the boxes. Returns (K, R, R) refined logits."""
+        pooled = _pool_per_image(self.pooler, features, boxes, batch)
+        delta = self.mask_head.layers(torch.cat([pooled, pooled_probs], 1))
+        return prior_logits + delta[:, 0]
 
 
 class SemSegHead(nn.Module):

@@ -6,13 +6,13 @@ A pyramid keeping less than ``MIN_KEPT_FRACTION`` of its own mask after painting
 bounding boxes: the model regresses none.
 """
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
-from .growth import mask_extents
+from .growth import mask_extents, sample_windows
 
 __all__ = [
     "NMS_MODES",
@@ -22,6 +22,7 @@ __all__ = [
     "fast_mask_nms",
     "matrix_nms",
     "logits_to_image",
+    "paste_in_image",
     "pyramids_to_instances",
 ]
 
@@ -108,6 +109,32 @@ def logits_to_image(
     return F.grid_sample(logits[:, None], grid, align_corners=False, padding_mode="border")[:, 0]
 
 
+def paste_in_image(
+    windows: torch.Tensor,
+    boxes: torch.Tensor,
+    output_size: Tuple[int, int],
+    input_size: Tuple[int, int],
+    logit_thresh: float,
+) -> torch.Tensor:
+    """(K, h_out, w_out) bool masks of (K, R, R) window logits over ``boxes`` (K, 4, input
+    pixels) in an image of ``output_size`` (the input image of ``input_size`` resized back):
+    bilinear inside each box, empty outside. One batched ``grid_sample``, no loop over masks."""
+    k = windows.shape[0]
+    if k == 0:
+        return torch.zeros(0, *output_size, dtype=torch.bool, device=windows.device)
+    dev, dt = windows.device, windows.dtype
+    ys = (torch.arange(output_size[0], device=dev, dtype=dt) + 0.5) * (
+        input_size[0] / output_size[0]
+    )
+    xs = (torch.arange(output_size[1], device=dev, dtype=dt) + 0.5) * (
+        input_size[1] / output_size[1]
+    )
+    sampled, inside = sample_windows(
+        windows[:, None], boxes.to(dt), xs[None].expand(k, -1), ys[None].expand(k, -1)
+    )
+    return (sampled[:, 0] > logit_thresh) & inside
+
+
 def pyramids_to_instances(
     logits: torch.Tensor,
     scores: torch.Tensor,
@@ -123,6 +150,7 @@ def pyramids_to_instances(
     matrix_sigma: float,
     max_detections: int,
     painted_output: bool,
+    readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Instances:
     """The final pyramids of one image, (N, H, W) logits on the last level -> ``Instances``
     of ``output_size`` with pred_masks, pred_boxes (from the masks), scores, pred_classes.
@@ -130,18 +158,21 @@ def pyramids_to_instances(
     ``scores`` and ``classes`` are (N,) or (N, K): K class hypotheses per pyramid, best first.
     The first decides thresholds, order, painting and NMS; each kept pyramid is then output once
     per hypothesis above ``score_thresh`` (as Mask R-CNN outputs a box once per class), and
-    ``max_detections`` caps the outputs."""
+    ``max_detections`` caps the outputs. ``readout``, when given, maps the indices (into the
+    N pyramids) of the output pyramids to their (K, h_out, w_out) bool masks (REFINE_RESOLUTION);
+    otherwise the masks are the level logits resampled to ``output_size``."""
     if nms not in NMS_MODES:
         raise ValueError(f"MODEL.MASK_PYRAMID.NMS must be one of {NMS_MODES}, got {nms}")
     if scores.dim() == 1:
         scores, classes = scores[:, None], classes[:, None]
     all_scores, all_classes = scores, classes
     scores, classes = scores[:, 0], classes[:, 0]
+    index = torch.arange(len(logits), device=logits.device)  # into the pyramids given
     keep = scores > score_thresh
     all_scores, all_classes = all_scores[keep], all_classes[keep]
-    logits, scores, classes = logits[keep], scores[keep], classes[keep]
+    logits, scores, classes, index = logits[keep], scores[keep], classes[keep], index[keep]
     order = torch.argsort(scores, descending=True, stable=True)
-    logits, scores, classes = logits[order], scores[order], classes[order]
+    logits, scores, classes, index = logits[order], scores[order], classes[order], index[order]
     all_scores, all_classes = all_scores[order], all_classes[order]
     # decisions on the level's grid, inside the image
     hv = -(-input_size[0] // int(stride))
@@ -165,7 +196,7 @@ def pyramids_to_instances(
     if nms == "matrix":  # decayed first scores; the other hypotheses decay alike
         decay = scores / all_scores[:, 0].clamp(min=1e-12)
         all_scores = all_scores * decay[:, None]
-    logits, scores, classes = logits[keep], scores[keep], classes[keep]
+    logits, scores, classes, index = logits[keep], scores[keep], classes[keep], index[keep]
     all_scores, all_classes = all_scores[keep], all_classes[keep]
     # one output per (pyramid, hypothesis) above the threshold, best scores first
     which = torch.arange(len(logits), device=logits.device)[:, None].expand_as(all_scores)
@@ -175,7 +206,10 @@ def pyramids_to_instances(
     order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
     which, scores, classes = which[order], scores[order], classes[order]
     used, inverse = torch.unique(which, return_inverse=True)
-    masks = logits_to_image(logits[used], stride, output_size, input_size) > logit_thresh
+    if readout is not None:
+        masks = readout(index[used])
+    else:
+        masks = logits_to_image(logits[used], stride, output_size, input_size) > logit_thresh
     if painted_output and len(masks):
         _, masks = paint(masks, 0.0)  # among the pyramids, in order of their first score
     # boxes as BitMasks' (no loop), once per pyramid, not per hypothesis

@@ -5,6 +5,7 @@ survive, spawn new roots, give them masks, prune, cap) -> ``losses`` or ``infere
 """
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -19,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import growth as G
-from .heads import PooledClassHead, PyramidMaskHead, ScoreHead, SemSegHead
-from .inference import NMS_MODES, mask_iou_matrix, pyramids_to_instances
+from .heads import PooledClassHead, PyramidMaskHead, RefineHead, ScoreHead, SemSegHead
+from .inference import NMS_MODES, mask_iou_matrix, paste_in_image, pyramids_to_instances
 from .losses import (
     MASK_LOSSES,
     dense_class_loss,
@@ -196,6 +197,22 @@ class MaskPyramid(nn.Module):
                 mp.CLASS_FC_DIM,
                 maskiou=self.pooled_maskiou,
             )
+        self.refine_head = None
+        if mp.REFINE_RESOLUTION > 0:
+            for f in mp.REFINE_FEATURES:
+                if f not in shapes:
+                    raise ValueError(
+                        f"MODEL.MASK_PYRAMID.REFINE_FEATURES: '{f}' is not a backbone output "
+                        f"({sorted(shapes)})"
+                    )
+            self.refine_features = list(mp.REFINE_FEATURES)
+            self.refine_head = RefineHead(
+                shapes[self.refine_features[0]].channels,
+                [shapes[f].stride for f in self.refine_features],
+                mp.REFINE_RESOLUTION,
+                mp.REFINE_CONVS,
+                mp.REFINE_CHANNELS,
+            )
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
         )
@@ -259,6 +276,10 @@ class MaskPyramid(nn.Module):
             losses.update(
                 self._pooled_class_loss(records[-1], targets, features, images.image_sizes)
             )
+        if self.refine_head is not None:
+            losses["loss_refine"] = self._refine_loss(
+                records[-1], targets, features, images.image_sizes
+            )
         self._log_counts(records, len(batched_inputs))
         return losses
 
@@ -294,12 +315,14 @@ class MaskPyramid(nn.Module):
         """Pad the mapper's per-image targets to the batch's feature maps; index instances
         across the batch."""
         dev = self.device
-        offsets, classes, levels, batch, boxes = [], [], [], [], []
+        offsets, classes, levels, batch, boxes, gt_masks = [], [], [], [], [], []
         start = 0
         for b, x in enumerate(batched_inputs):
             t, inst = x["pyramid_targets"], x["instances"]
             n = len(inst)
             offsets.append(start)
+            # at the input's resolution, for REFINE_RESOLUTION (BitMasks or PolygonMasks)
+            gt_masks.append(inst.gt_masks.to(dev) if inst.has("gt_masks") else None)
             classes.append(inst.gt_classes.to(dev))
             boxes.append(inst.gt_boxes.tensor.to(dev))
             levels.append(t["levels"].to(dev))
@@ -310,6 +333,8 @@ class MaskPyramid(nn.Module):
             "levels": torch.cat(levels),
             "batch": torch.cat(batch),
             "boxes": torch.cat(boxes),
+            "offsets": offsets,
+            "gt_masks": gt_masks,
             "positives": [],
             "masks": [],
         }
@@ -866,6 +891,70 @@ class MaskPyramid(nn.Module):
         labels = torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)
         return labels, best.clamp(min=0)
 
+    # ------------------------------------------------------------------ refinement
+    def _refine(self, pyr, stride, sizes, features):
+        """(K, R, R) refined logits of the pyramids' masks at object resolution
+        (REFINE_RESOLUTION) on their grown mask boxes (K, 4), input pixels."""
+        mp = self.mp
+        r = int(mp.REFINE_RESOLUTION)
+        logits = pyr.logits.detach()
+        probs = logits.sigmoid()
+        limits = G.image_boxes(sizes, pyr.batch)
+        boxes = self._support_or_root_boxes(probs, pyr.roots, stride, limits, 0.5, 0)
+        grow = (boxes[:, 2:] - boxes[:, :2]) * mp.REFINE_BOX_MARGIN + stride / 2
+        boxes = torch.cat(
+            [
+                torch.maximum(boxes[:, :2] - grow, limits[:, :2]),
+                torch.minimum(boxes[:, 2:] + grow, limits[:, 2:]),
+            ],
+            1,
+        )
+        idx = torch.arange(len(pyr), device=boxes.device, dtype=boxes.dtype)
+        rois = torch.cat([idx[:, None], boxes], 1)
+        pooled_probs = ROIAlign((r // 2, r // 2), 1.0 / stride, 0, aligned=True)(
+            probs[:, None], rois
+        )
+        prior = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(logits[:, None], rois)[:, 0]
+        maps = [features[f] for f in self.refine_features]
+        return self.refine_head(maps, boxes, pyr.batch, pooled_probs, prior), boxes
+
+    def _refined_masks(self, pyr, stride, sizes, features, out_size, size, thresh, index):
+        """(K, h, w) bool output masks of the pyramids ``index`` of ``pyr`` (one image),
+        refined and pasted into the image (the ``readout`` of ``pyramids_to_instances``)."""
+        logits, boxes = self._refine(pyr[index], stride, sizes, features)
+        return paste_in_image(logits, boxes, out_size, size, thresh)
+
+    def _refine_loss(self, rec, targets, features, image_sizes) -> torch.Tensor:
+        """``loss_refine``: binary cross-entropy of the refined logits against the ground-truth
+        mask cropped to the same box (as Mask R-CNN's mask loss), on positive pyramids; at most
+        REFINE_MAX_PER_IMAGE per image, taken round-robin over the image's instances (each
+        instance's highest-scoring positive first), so every instance is seen."""
+        pyr = rec.pyramids
+        pos = (pyr.target >= 0).nonzero()[:, 0]
+        zero = sum(p.sum() for p in self.refine_head.parameters()) * 0
+        cap = int(self.mp.REFINE_MAX_PER_IMAGE)
+        if cap > 0 and len(pos):
+            turn = G.rank_within_group(pyr.target[pos], pyr.scores[pos])
+            pos = pos[G.rank_within_group(pyr.batch[pos], -turn.float()) < cap]
+        if not len(pos):
+            return zero
+        sub = pyr[pos]
+        logits, boxes = self._refine(sub, rec.stride, self._sizes(image_sizes), features)
+        r = logits.shape[-1]
+        gt = torch.zeros_like(logits)
+        for b, masks in enumerate(targets["gt_masks"]):  # images, as detectron2's mask loss
+            sel = (sub.batch == b).nonzero()[:, 0]
+            if not len(sel):
+                continue
+            if masks is None:
+                raise ValueError(
+                    "MODEL.MASK_PYRAMID.REFINE_RESOLUTION > 0 needs the instances' gt_masks at "
+                    "the input's resolution (the dataset mapper's instance masks)"
+                )
+            local = (sub.target[sel] - targets["offsets"][b]).cpu()
+            gt[sel] = masks[local].crop_and_resize(boxes[sel], r).to(gt.dtype)
+        return self.mp.REFINE_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(logits, gt)
+
     def _log_counts(self, records, num_images):
         try:
             storage = get_event_storage()
@@ -884,14 +973,22 @@ class MaskPyramid(nn.Module):
         k = max(1, min(int(mp.CLASSES_PER_PYRAMID), self.num_classes))
         scores, classes = class_scores.topk(k, dim=1)  # (N, k) hypotheses, best first
         results = []
+        sizes = self._sizes(image_sizes)
+        logit_thresh = torch.logit(torch.tensor(float(mp.MASK_THRESHOLD))).item()
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             sel = pyr.batch == b
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
+            readout = None
+            if self.refine_head is not None:
+                readout = functools.partial(
+                    self._refined_masks, pyr[sel], rec.stride, sizes, features, out_size,
+                    tuple(size), logit_thresh,
+                )  # fmt: skip
             inst = pyramids_to_instances(
                 pyr.logits[sel], scores[sel], classes[sel],
                 rec.stride, tuple(size), out_size, mp.SCORE_THRESH_TEST, mp.MASK_THRESHOLD,
                 mp.MIN_KEPT_FRACTION, mp.NMS, mp.NMS_THRESH, mp.MATRIX_NMS_SIGMA,
-                mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT,
+                mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT, readout,
             )  # fmt: skip
             results.append({"instances": inst})
         return results

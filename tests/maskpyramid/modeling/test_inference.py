@@ -125,3 +125,27 @@ def test_mask_boxes_equal_detectron2_bitmasks_boxes():
     assert torch.equal(boxes.float(), BitMasks(masks).get_bounding_boxes().tensor)
     assert nonempty.tolist() == [True] * 5 + [False]
     assert mask_extents(masks[:0])[0].shape == (0, 4)
+
+
+def test_paste_in_image_inverts_detectron2s_crop_and_resize():
+    """The refinement's training target (detectron2's crop_and_resize of the ground truth to
+    the box) pasted back by ``paste_in_image`` is the ground truth again, up to the resolution
+    of the window; outside the box nothing."""
+    from detectron2.structures import BitMasks
+
+    gt = torch.zeros(1, 60, 80, dtype=torch.bool)
+    yy, xx = torch.meshgrid(torch.arange(60.0), torch.arange(80.0), indexing="ij")
+    gt[0] = ((xx + 0.5 - 37) / 15) ** 2 + ((yy + 0.5 - 30) / 9) ** 2 <= 1  # an ellipse
+    box = torch.tensor([[18.5, 18.0, 55.0, 42.5]])
+    window = BitMasks(gt).crop_and_resize(box, 28).float() * 20 - 10  # logits
+    pasted = inf.paste_in_image(window, box, (60, 80), (60, 80), 0.0)
+    assert pasted.shape == (1, 60, 80) and pasted.dtype == torch.bool
+    iou = (pasted & gt).sum() / (pasted | gt).sum()
+    assert iou > 0.93
+    x0, y0, x1, y1 = box[0].tolist()
+    inside = (xx + 0.5 >= x0) & (xx + 0.5 <= x1) & (yy + 0.5 >= y0) & (yy + 0.5 <= y1)
+    everything = inf.paste_in_image(torch.full((1, 28, 28), 5.0), box, (60, 80), (60, 80), 0.0)
+    assert torch.equal(everything[0], inside)
+    # an output image half the input's size: the same box covers half as many pixels a side
+    half = inf.paste_in_image(torch.full((1, 28, 28), 5.0), box, (30, 40), (60, 80), 0.0)
+    assert abs(int(half.sum()) - int(inside.sum()) / 4) <= 20

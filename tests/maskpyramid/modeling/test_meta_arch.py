@@ -55,6 +55,10 @@ KNOBS = {
     "loss_bce": mp(MASK_LOSS="bce"),
     "no_feature_convs": mp(FEATURE_CONVS=0),
     "tower_channels_8": mp(TOWER_CHANNELS=8),
+    "refine_14": mp(REFINE_RESOLUTION=14, REFINE_CHANNELS=8, REFINE_CONVS=2),
+    "refine_p3_p4_no_cap": mp(
+        REFINE_RESOLUTION=8, REFINE_FEATURES=["p3", "p4"], REFINE_MAX_PER_IMAGE=0
+    ),
     "loss_l1": mp(MASK_LOSS="l1"),
     "loss_l2": mp(MASK_LOSS="l2"),
     "nms_mask": mp(NMS="mask"),
@@ -559,6 +563,24 @@ def test_image_smaller_than_the_coarsest_stride(mp_cfg, size):
     assert out[0]["instances"].pred_masks.shape[1:] == (h, w)
 
 
+def test_refine_on_bad_input(mp_cfg):
+    """REFINE_RESOLUTION with no ground truth (no positive: loss 0), an image smaller than the
+    coarsest stride, and one object covering the whole image."""
+    cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0))
+    losses, out = _train_and_infer(cfg, [_input(_noise(64, 64), [])])
+    assert float(losses["loss_refine"]) == 0 and losses["loss_refine"].requires_grad
+    m = torch.zeros(8, 30, dtype=torch.bool)
+    m[2:6, 2:6] = True
+    losses, out = _train_and_infer(cfg, [_input(_noise(8, 30), [m])])
+    assert float(losses["loss_refine"]) > 0
+    assert out[0]["instances"].pred_masks.shape[1:] == (8, 30)
+    full = torch.ones(64, 48, dtype=torch.bool)
+    losses, out = _train_and_infer(cfg, [_input(_noise(64, 48), [full])])
+    assert float(losses["loss_refine"]) > 0
+    boxes = out[0]["instances"].pred_boxes.tensor
+    assert (boxes >= 0).all() and (boxes[:, 2] <= 48).all() and (boxes[:, 3] <= 64).all()
+
+
 @pytest.mark.parametrize("readout", [[], ["p2"]])
 def test_every_pyramid_pruned_gives_empty_output(mp_cfg, readout):
     cfg = mp_cfg("MODEL.MASK_PYRAMID.LOW_THRESHOLD", 1.0, "MODEL.MASK_PYRAMID.PEAK_THRESHOLD", 1.0,
@@ -631,6 +653,10 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
             ],
             "CLASS_POOL_FEATURES",
         ),
+        (["MODEL.MASK_PYRAMID.REFINE_RESOLUTION", 7], "REFINE_RESOLUTION"),
+        (mp(REFINE_RESOLUTION=8, REFINE_CONVS=0), "REFINE_CONVS"),
+        (mp(REFINE_RESOLUTION=8, REFINE_FEATURES=["p2", "p9"]), "REFINE_FEATURES"),
+        (mp(REFINE_RESOLUTION=8, REFINE_FEATURES=["p2", "p4"]), "REFINE_FEATURES"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -657,3 +683,80 @@ def test_a_few_iterations_on_fruits_nuts_photographs(mp_cfg, tmp_path):
     assert trainer.iter == 3  # SOLVER.MAX_ITER iterations ran
     history = trainer.storage.history("loss_mask_p3").values()
     assert history and all(math.isfinite(v) for v, _ in history)
+
+
+def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
+    """REFINE_RESOLUTION: the output masks are the refinement's windows pasted into the image.
+    A predictor forced to +20 fills each window, so every output mask is exactly its box: the
+    pyramid's mask box (probability > 0.5) grown by REFINE_BOX_MARGIN and half a cell."""
+    cfg = mp_cfg(
+        *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, CLASSES_PER_PYRAMID=1),
+        "MODEL.MASK_PYRAMID.MIN_KEPT_FRACTION", 0.0, "MODEL.MASK_PYRAMID.NMS", "none",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    predictor = model.refine_head.mask_head.predictor
+    torch.nn.init.zeros_(predictor.weight)
+    torch.nn.init.constant_(predictor.bias, 20.0)
+    data = _one_batch(cfg)[:1]
+    seen = []
+    refine = model._refine
+
+    def spy(pyr, stride, sizes, features):
+        logits, boxes = refine(pyr, stride, sizes, features)
+        seen.append((len(pyr), boxes))
+        return logits, boxes
+
+    model._refine = spy
+    with torch.no_grad():
+        inst = model(data)[0]["instances"]
+    assert len(inst) and len(seen) == 1 and seen[0][0] == len(inst)  # only the outputs
+    x = data[0]
+    scale = torch.tensor([x["width"], x["height"]] * 2) / torch.tensor(
+        [x["image"].shape[2], x["image"].shape[1]] * 2
+    )
+    for mask, box in zip(inst.pred_masks, inst.pred_boxes.tensor):
+        x0, y0, x1, y1 = box.long().tolist()
+        assert mask[y0:y1, x0:x1].all() and mask.sum() == (y1 - y0) * (x1 - x0)
+    in_boxes = sorted(seen[0][1].mul(scale).round().tolist())
+    out_boxes = sorted(inst.pred_boxes.tensor.tolist())
+    for a, b in zip(in_boxes, out_boxes):
+        assert all(abs(u - v) <= 1.01 for u, v in zip(a, b))
+    # forced to -20: every refined mask is empty, so there is no output
+    torch.nn.init.constant_(predictor.bias, -20.0)
+    model._refine = refine
+    with torch.no_grad():
+        assert len(model(data)[0]["instances"]) == 0
+
+
+def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_cfg):
+    cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, REFINE_MAX_PER_IMAGE=2))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = _one_batch(cfg)
+    seen = []
+    refine = model._refine
+
+    def spy(pyr, stride, sizes, features):
+        seen.append(pyr)
+        return refine(pyr, stride, sizes, features)
+
+    model._refine = spy
+    records = _capture_records(model)
+    with EventStorage(0):
+        losses = model(data)
+    final = records[-1][-1].pyramids
+    (sub,) = seen
+    assert (sub.target >= 0).all()
+    per_image = torch.bincount(sub.batch, minlength=len(data))
+    for b in range(len(data)):
+        positives = final.target[(final.batch == b) & (final.target >= 0)]
+        assert per_image[b] == min(2, len(positives))
+        # round-robin over the instances: two different instances when there are two
+        assert len(sub.target[sub.batch == b].unique()) == min(2, len(positives.unique()))
+    loss = losses["loss_refine"]
+    assert loss > 0 and loss.requires_grad
+    loss.backward()
+    assert model.refine_head.mask_head.predictor.weight.grad.abs().sum() > 0
+    # the pyramids' own logits are its prior, not trained by it
+    assert all(p.grad is None for p in model.grow_heads.parameters())
