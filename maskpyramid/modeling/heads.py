@@ -154,6 +154,8 @@ class PyramidMaskHead(nn.Module):
 
 class PooledClassHead(nn.Module):
     """Classifies pyramids from what lies under their masks (``CLASS_HEAD: "pooled"``).
+    ``strides``: those of consecutive FPN levels (as ``ROIPooler`` needs), checked by the
+    caller.
 
     Each pyramid's box (from its mask) is pooled with detectron2's ``ROIPooler`` (``ROIAlignV2``
     on the FPN level its size picks); the pyramid's own mask, pooled on
@@ -179,12 +181,6 @@ class PooledClassHead(nn.Module):
         maskiou: bool = False,
     ):
         super().__init__()
-        levels = [int(math.log2(s)) for s in strides]
-        if levels != list(range(levels[0], levels[0] + len(levels))):
-            raise ValueError(
-                "MODEL.MASK_PYRAMID.CLASS_POOL_FEATURES must be consecutive FPN levels, got "
-                f"strides {strides}"
-            )
         if num_fc < 1 or num_conv < 0:
             raise ValueError(
                 "MODEL.MASK_PYRAMID.CLASS_NUM_FC must be >= 1 and CLASS_NUM_CONV >= 0, got "
@@ -251,12 +247,6 @@ class RefineHead(nn.Module):
             raise ValueError(
                 "MODEL.MASK_PYRAMID.REFINE_CONVS and REFINE_CHANNELS must be >= 1, got "
                 f"{num_conv} and {conv_dim}"
-            )
-        levels = [int(math.log2(s)) for s in strides]
-        if levels != list(range(levels[0], levels[0] + len(levels))):
-            raise ValueError(
-                "MODEL.MASK_PYRAMID.REFINE_FEATURES must be consecutive FPN levels, got "
-                f"strides {strides}"
             )
         self.resolution = resolution
         self.pooler = ROIPooler(resolution // 2, [1.0 / s for s in strides], 0, "ROIAlignV2")

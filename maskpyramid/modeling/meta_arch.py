@@ -7,6 +7,7 @@ survive, spawn new roots, give them masks, prune, cap) -> ``losses`` or ``infere
 import dataclasses
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -51,6 +52,25 @@ class LevelRecord:
     num_pruned: torch.Tensor  # (B,) pyramids pruned or capped here, per image
     pruned_masks: Optional[torch.Tensor] = None  # (P, H, W) logits, when record_pruned is set
     pruned_batch: Optional[torch.Tensor] = None
+
+
+def _pooled_levels(mp, key: str, shapes):
+    """The FPN levels a pooled head reads (``MODEL.MASK_PYRAMID.<key>``): names and strides;
+    a name that is not a backbone output, or levels that are not consecutive, name the key."""
+    names = list(mp[key])
+    for f in names:
+        if f not in shapes:
+            raise ValueError(
+                f"MODEL.MASK_PYRAMID.{key}: '{f}' is not a backbone output ({sorted(shapes)})"
+            )
+    strides = [shapes[f].stride for f in names]
+    levels = [int(math.log2(s)) for s in strides]
+    if not names or levels != list(range(levels[0], levels[0] + len(levels))):
+        raise ValueError(
+            f"MODEL.MASK_PYRAMID.{key} must be consecutive FPN levels, got {names} (strides "
+            f"{strides})"
+        )
+    return names, strides
 
 
 @META_ARCH_REGISTRY.register()
@@ -179,16 +199,10 @@ class MaskPyramid(nn.Module):
         )
         self.class_head = None
         if mp.CLASS_HEAD == "pooled":
-            for f in mp.CLASS_POOL_FEATURES:
-                if f not in shapes:
-                    raise ValueError(
-                        f"MODEL.MASK_PYRAMID.CLASS_POOL_FEATURES: '{f}' is not a backbone "
-                        f"output ({sorted(shapes)})"
-                    )
-            self.class_features = list(mp.CLASS_POOL_FEATURES)
+            self.class_features, strides = _pooled_levels(mp, "CLASS_POOL_FEATURES", shapes)
             self.class_head = PooledClassHead(
                 shapes[self.class_features[0]].channels,
-                [shapes[f].stride for f in self.class_features],
+                strides,
                 num_classes + int(mp.CLASS_BACKGROUND),
                 mp.CLASS_POOL_RESOLUTION,
                 mp.CLASS_NUM_CONV,
@@ -199,16 +213,10 @@ class MaskPyramid(nn.Module):
             )
         self.refine_head = None
         if mp.REFINE_RESOLUTION > 0:
-            for f in mp.REFINE_FEATURES:
-                if f not in shapes:
-                    raise ValueError(
-                        f"MODEL.MASK_PYRAMID.REFINE_FEATURES: '{f}' is not a backbone output "
-                        f"({sorted(shapes)})"
-                    )
-            self.refine_features = list(mp.REFINE_FEATURES)
+            self.refine_features, strides = _pooled_levels(mp, "REFINE_FEATURES", shapes)
             self.refine_head = RefineHead(
                 shapes[self.refine_features[0]].channels,
-                [shapes[f].stride for f in self.refine_features],
+                strides,
                 mp.REFINE_RESOLUTION,
                 mp.REFINE_CONVS,
                 mp.REFINE_CHANNELS,
