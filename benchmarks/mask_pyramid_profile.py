@@ -41,6 +41,8 @@ def parts(model):
             out.append((f"{kind} {level}: per pyramid", head))
     if model.class_head is not None:
         out.append(("pooled class head", model.class_head))
+    if model.refine_head is not None:
+        out.append(("refinement at object resolution (REFINE_RESOLUTION)", model.refine_head))
     return out
 
 
