@@ -382,7 +382,7 @@ def test_pooled_maskiou_learns_the_final_masks_iou_and_scales_the_scores(mp_cfg,
 
 
 def test_tower_channels_narrow_the_per_image_towers(mp_cfg):
-    wide = build_model(mp_cfg())
+    wide = build_model(mp_cfg(*mp(TOWER_CHANNELS=0)))
     narrow = build_model(mp_cfg(*mp(TOWER_CHANNELS=8)))
     fpn = mp_cfg().MODEL.FPN.OUT_CHANNELS
     for model, width in ((wide, fpn), (narrow, 8)):
