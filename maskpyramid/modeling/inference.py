@@ -90,6 +90,19 @@ def matrix_nms(masks: torch.Tensor, scores: torch.Tensor, sigma: float) -> torch
     return scores * decay
 
 
+def _output_pixel_centres(output_size, input_size, like: torch.Tensor):
+    """The centres of an output image's pixel rows and columns, in the input image's pixels
+    (the output is the input resized back to ``output_size``): (ys, xs)."""
+    dev, dt = like.device, like.dtype
+    ys = (torch.arange(output_size[0], device=dev, dtype=dt) + 0.5) * (
+        input_size[0] / output_size[0]
+    )
+    xs = (torch.arange(output_size[1], device=dev, dtype=dt) + 0.5) * (
+        input_size[1] / output_size[1]
+    )
+    return ys, xs
+
+
 def logits_to_image(
     logits: torch.Tensor, stride: float, output_size: Tuple[int, int], input_size: Tuple[int, int]
 ) -> torch.Tensor:
@@ -98,11 +111,7 @@ def logits_to_image(
     n, h, w = logits.shape
     if n == 0:
         return logits.new_zeros(0, *output_size)
-    sy = input_size[0] / output_size[0]
-    sx = input_size[1] / output_size[1]
-    dev, dt = logits.device, logits.dtype
-    ys = (torch.arange(output_size[0], device=dev, dtype=dt) + 0.5) * sy
-    xs = (torch.arange(output_size[1], device=dev, dtype=dt) + 0.5) * sx
+    ys, xs = _output_pixel_centres(output_size, input_size, logits)
     gy = 2 * ys / (stride * h) - 1
     gx = 2 * xs / (stride * w) - 1
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None].expand(n, -1, -1, -1)
@@ -122,15 +131,9 @@ def paste_in_image(
     k = windows.shape[0]
     if k == 0:
         return torch.zeros(0, *output_size, dtype=torch.bool, device=windows.device)
-    dev, dt = windows.device, windows.dtype
-    ys = (torch.arange(output_size[0], device=dev, dtype=dt) + 0.5) * (
-        input_size[0] / output_size[0]
-    )
-    xs = (torch.arange(output_size[1], device=dev, dtype=dt) + 0.5) * (
-        input_size[1] / output_size[1]
-    )
+    ys, xs = _output_pixel_centres(output_size, input_size, windows)
     sampled, inside = sample_windows(
-        windows[:, None], boxes.to(dt), xs[None].expand(k, -1), ys[None].expand(k, -1)
+        windows[:, None], boxes.to(windows.dtype), xs[None].expand(k, -1), ys[None].expand(k, -1)
     )
     return (sampled[:, 0] > logit_thresh) & inside
 

@@ -330,7 +330,8 @@ class MaskPyramid(nn.Module):
             n = len(inst)
             offsets.append(start)
             # at the input's resolution, for REFINE_RESOLUTION (BitMasks or PolygonMasks)
-            gt_masks.append(inst.gt_masks.to(dev) if inst.has("gt_masks") else None)
+            refine = self.refine_head is not None and inst.has("gt_masks")
+            gt_masks.append(inst.gt_masks.to(dev) if refine else None)
             classes.append(inst.gt_classes.to(dev))
             boxes.append(inst.gt_boxes.tensor.to(dev))
             levels.append(t["levels"].to(dev))
@@ -906,9 +907,8 @@ class MaskPyramid(nn.Module):
         mp = self.mp
         r = int(mp.REFINE_RESOLUTION)
         logits = pyr.logits.detach()
-        probs = logits.sigmoid()
+        boxes, probs = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
-        boxes = self._support_or_root_boxes(probs, pyr.roots, stride, limits, 0.5, 0)
         grow = (boxes[:, 2:] - boxes[:, :2]) * mp.REFINE_BOX_MARGIN + stride / 2
         boxes = torch.cat(
             [
