@@ -193,9 +193,10 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # each final pyramid's mask is refined inside its own mask box (probability > 0.5, no box
     # regression) by a Mask R-CNN-style head (detectron2's MaskRCNNConvUpsampleHead: 3x3 convs
     # on ROIAlign-pooled FPN features plus the pyramid's mask, then a 2x deconv), which adds to
-    # the pyramid's logits resampled into the box: REFINE_RESOLUTION x REFINE_RESOLUTION logits
-    # (pooled at half of it) pasted into the image. A mask on the stride-4 grid has 4x4 cells for
-    # a 16-pixel object. 0 = off: masks are read out on the last level's grid
+    # the pyramid's logits resampled into the box (REFINE_RESIDUAL): REFINE_RESOLUTION x
+    # REFINE_RESOLUTION logits (pooled at half of it) pasted into the image. A mask on the
+    # stride-4 grid has 4x4 cells for a 16-pixel object. 0 = off: masks are read out on the last
+    # level's grid
     mp.REFINE_RESOLUTION = 0
     # FPN levels to pool from (each box's level by its size, as Mask R-CNN's ROIPooler)
     mp.REFINE_FEATURES = ["p2", "p3", "p4", "p5"]
@@ -204,10 +205,20 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # the mask box grows by this fraction of its side, plus half a cell of the last level, on
     # each side (room to grow beyond the coarse mask)
     mp.REFINE_BOX_MARGIN = 0.1
+    # True: the head's output is a correction added to the pyramid's own logits resampled into
+    # the box (the refined mask starts as the pyramid's); False: the head's output is the mask
+    # (Mask R-CNN's mask head, which also sees the pyramid's mask as an input channel), free to
+    # depart from the pyramid's logits wherever the features say so
+    mp.REFINE_RESIDUAL = True
     # binary cross-entropy against the ground-truth mask cropped to the box, on positive
     # pyramids (as Mask R-CNN's mask loss, on its foreground proposals)
     mp.REFINE_LOSS_WEIGHT = 1.0
-    # at most this many positive pyramids per image enter the loss (random), bounding its cost
+    # also on the pyramids rooted on no instance (CLASS_NEGATIVE_ROOTS, or pseudo pyramids)
+    # whose final mask overlaps an instance with IoU >= CLASS_FG_IOU, against that instance (as
+    # Mask R-CNN's foreground proposals): inference refines such pyramids too
+    mp.REFINE_OVERLAPPING = False
+    # at most this many pyramids per image enter the loss, taken round-robin over the image's
+    # instances (each instance's highest-scoring pyramid first), bounding its cost
     mp.REFINE_MAX_PER_IMAGE = 32
 
     # --- inference ---

@@ -224,9 +224,10 @@ class RefineHead(nn.Module):
     Each pyramid's mask box is pooled from the FPN with detectron2's ``ROIPooler``
     (``ROIAlignV2``, the level by the box's size) at half the output resolution; the pyramid's
     mask probabilities, pooled on the same box, join as one more channel; detectron2's
-    ``MaskRCNNConvUpsampleHead`` (3x3 convs, 2x deconv, 1x1 predictor; class-agnostic) gives a
-    correction that adds to the pyramid's own logits resampled into the box. The predictor
-    starts near 0, so the refined mask starts as the pyramid's.
+    ``MaskRCNNConvUpsampleHead`` (3x3 convs, 2x deconv, 1x1 predictor; class-agnostic) gives,
+    with ``residual``, a correction that adds to the pyramid's own logits resampled into the box
+    (the predictor starts near 0, so the refined mask starts as the pyramid's); without, the
+    mask's logits themselves (Mask R-CNN's mask head with the pyramid's mask as an input).
     """
 
     def __init__(
@@ -236,8 +237,10 @@ class RefineHead(nn.Module):
         resolution: int,
         num_conv: int,
         conv_dim: int,
+        residual: bool = True,
     ):
         super().__init__()
+        self.residual = residual
         if resolution % 2 or resolution < 2:
             raise ValueError(
                 "MODEL.MASK_PYRAMID.REFINE_RESOLUTION must be an even number >= 2 (the head "
@@ -266,10 +269,11 @@ class RefineHead(nn.Module):
     ) -> torch.Tensor:
         """features: the REFINE_FEATURES maps; boxes (K, 4) XYXY pixels of images ``batch``
         (K,); pooled_probs (K, 1, R/2, R/2): the pyramids' mask probabilities on the boxes;
-        prior_logits (K, R, R): their logits on the boxes. Returns (K, R, R) refined logits."""
+        prior_logits (K, R, R): their logits on the boxes (used when ``residual``). Returns
+        (K, R, R) refined logits."""
         pooled = _pool_per_image(self.pooler, features, boxes, batch)
-        delta = self.mask_head.layers(torch.cat([pooled, pooled_probs], 1))
-        return prior_logits + delta[:, 0]
+        out = self.mask_head.layers(torch.cat([pooled, pooled_probs], 1))[:, 0]
+        return prior_logits + out if self.residual else out
 
 
 class SemSegHead(nn.Module):

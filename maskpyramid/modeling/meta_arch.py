@@ -220,6 +220,7 @@ class MaskPyramid(nn.Module):
                 mp.REFINE_RESOLUTION,
                 mp.REFINE_CONVS,
                 mp.REFINE_CHANNELS,
+                mp.REFINE_RESIDUAL,
             )
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
@@ -892,13 +893,19 @@ class MaskPyramid(nn.Module):
         labels = torch.full_like(pyr.batch, self.num_classes)
         if not len(gt_masks):
             return labels, torch.zeros_like(pyr.batch, dtype=torch.float32)
+        best, owner = self._best_instances(pyr, rec, gt_masks, targets, image_sizes)
+        labels = torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)
+        return labels, best.clamp(min=0)
+
+    def _best_instances(self, pyr, rec, gt_masks, targets, image_sizes):
+        """For each pyramid (N,): the best IoU of its final mask (logit > 0) with an instance
+        of its image (-1 for none) and that instance (its index in ``targets``); needs at least
+        one instance in the batch."""
         H, W = pyr.logits.shape[-2:]
         valid = G.valid_cells(image_sizes, rec.stride, H, W, self.device)
         iou = mask_iou_matrix((pyr.logits.detach() > 0) & valid[pyr.batch], gt_masks >= 0.5)
         iou = torch.where(pyr.batch[:, None] == targets["batch"][None], iou, -1.0)
-        best, owner = iou.max(1)
-        labels = torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)
-        return labels, best.clamp(min=0)
+        return iou.max(1)
 
     # ------------------------------------------------------------------ refinement
     def _refine(self, pyr, stride, sizes, features):
@@ -934,19 +941,30 @@ class MaskPyramid(nn.Module):
 
     def _refine_loss(self, rec, targets, features, image_sizes) -> torch.Tensor:
         """``loss_refine``: binary cross-entropy of the refined logits against the ground-truth
-        mask cropped to the same box (as Mask R-CNN's mask loss), on positive pyramids; at most
-        REFINE_MAX_PER_IMAGE per image, taken round-robin over the image's instances (each
-        instance's highest-scoring positive first), so every instance is seen."""
+        mask cropped to the same box (as Mask R-CNN's mask loss), on positive pyramids (with
+        REFINE_OVERLAPPING, also on the others whose final mask overlaps an instance with IoU >=
+        CLASS_FG_IOU, against that instance); at most REFINE_MAX_PER_IMAGE per image, taken
+        round-robin over the image's instances (each instance's highest-scoring pyramid
+        first), so every instance is seen."""
         pyr = rec.pyramids
-        pos = (pyr.target >= 0).nonzero()[:, 0]
+        instance = pyr.target
+        others = instance < 0
+        if self.mp.REFINE_OVERLAPPING and others.any() and len(targets["classes"]):
+            best, owner = self._best_instances(
+                pyr[others], rec, targets["masks"][rec.level], targets, image_sizes
+            )
+            instance = instance.clone()
+            instance[others] = torch.where(best >= self.mp.CLASS_FG_IOU, owner, -1)
+        pos = (instance >= 0).nonzero()[:, 0]
         zero = sum(p.sum() for p in self.refine_head.parameters()) * 0
         cap = int(self.mp.REFINE_MAX_PER_IMAGE)
         if cap > 0 and len(pos):
-            turn = G.rank_within_group(pyr.target[pos], pyr.scores[pos])
+            turn = G.rank_within_group(instance[pos], pyr.scores[pos])
             pos = pos[G.rank_within_group(pyr.batch[pos], -turn.float()) < cap]
         if not len(pos):
             return zero
         sub = pyr[pos]
+        target = instance[pos]
         logits, boxes = self._refine(sub, rec.stride, self._sizes(image_sizes), features)
         r = logits.shape[-1]
         gt = torch.zeros_like(logits)
@@ -959,7 +977,7 @@ class MaskPyramid(nn.Module):
                     "MODEL.MASK_PYRAMID.REFINE_RESOLUTION > 0 needs the instances' gt_masks at "
                     "the input's resolution (the dataset mapper's instance masks)"
                 )
-            local = (sub.target[sel] - targets["offsets"][b]).cpu()
+            local = (target[sel] - targets["offsets"][b]).cpu()
             gt[sel] = masks[local].crop_and_resize(boxes[sel], r).to(gt.dtype)
         return self.mp.REFINE_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(logits, gt)
 

@@ -59,6 +59,9 @@ KNOBS = {
     "refine_p3_p4_no_cap": mp(
         REFINE_RESOLUTION=8, REFINE_FEATURES=["p3", "p4"], REFINE_MAX_PER_IMAGE=0
     ),
+    "refine_residual_positives_only": mp(
+        REFINE_RESOLUTION=8, REFINE_RESIDUAL=True, REFINE_OVERLAPPING=False
+    ),
     "loss_l1": mp(MASK_LOSS="l1"),
     "loss_l2": mp(MASK_LOSS="l2"),
     "nms_mask": mp(NMS="mask"),
@@ -730,7 +733,7 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
 
 
 def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_cfg):
-    cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, REFINE_MAX_PER_IMAGE=2))
+    cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, REFINE_MAX_PER_IMAGE=2, REFINE_OVERLAPPING=False))
     torch.manual_seed(0)
     model = build_model(cfg)
     data = _one_batch(cfg)
@@ -760,3 +763,93 @@ def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_c
     assert model.refine_head.mask_head.predictor.weight.grad.abs().sum() > 0
     # the pyramids' own logits are its prior, not trained by it
     assert all(p.grad is None for p in model.grow_heads.parameters())
+
+
+@pytest.mark.parametrize("best_iou", [0.6, 0.4])
+def test_refine_overlapping_pyramids_learn_the_instance_they_overlap(mp_cfg, best_iou):
+    """REFINE_OVERLAPPING: a pyramid rooted on no instance enters the refinement's loss,
+    against the instance its final mask overlaps best, when that IoU reaches CLASS_FG_IOU (0.5)
+    and only then. The overlaps are forced (instance 0 of each image, IoU ``best_iou``); the
+    loss must then be the cross-entropy against that instance's mask cropped to each box."""
+    cfg = mp_cfg(
+        *mp(REFINE_RESOLUTION=8, REFINE_OVERLAPPING=True, REFINE_MAX_PER_IMAGE=0),
+        # no pruning: the negative roots (CLASS_NEGATIVE_ROOTS) reach the last level
+        *mp(LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = _one_batch(cfg)
+    firsts = {}
+
+    def forced(pyr, rec, gt_masks, targets, image_sizes):
+        firsts["offsets"] = targets["offsets"]
+        owner = torch.as_tensor(targets["offsets"])[pyr.batch]
+        counts = torch.bincount(targets["batch"], minlength=len(image_sizes))
+        best = torch.where(counts[pyr.batch] > 0, best_iou, -1.0)  # -1: no instance
+        return best, owner.clamp(max=len(targets["batch"]) - 1)
+
+    seen = []
+    refine = model._refine
+
+    def spy(pyr, stride, sizes, features):
+        logits, boxes = refine(pyr, stride, sizes, features)
+        seen.append((pyr, logits, boxes))
+        return logits, boxes
+
+    model._best_instances = forced
+    model._refine = spy
+    records = _capture_records(model)
+    with EventStorage(0):
+        losses = model(data)
+    final = records[-1][-1].pyramids
+    ((sub, logits, boxes),) = seen
+    n_pos = int((final.target >= 0).sum())
+    assert len(final) > n_pos  # pyramids rooted on no instance
+    if best_iou < 0.5:  # below CLASS_FG_IOU: the positives only
+        assert len(sub) == n_pos and (sub.target >= 0).all()
+        return
+    # every pyramid of an image with instances: the positives and the forced others
+    has_instances = torch.tensor([len(x["instances"]) > 0 for x in data])
+    assert len(sub) == int(has_instances[final.batch].sum()) > n_pos
+    gt = torch.zeros_like(logits)
+    for k in range(len(sub)):
+        b = int(sub.batch[k])
+        local = int(sub.target[k] - firsts["offsets"][b]) if sub.target[k] >= 0 else 0
+        masks = data[b]["instances"].gt_masks
+        gt[k] = masks[[local]].crop_and_resize(boxes[k : k + 1], 8)[0].float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, gt)
+    torch.testing.assert_close(losses["loss_refine"], expected)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
+    """REFINE_RESIDUAL: with the predictor forced to a constant c, the refined logits are the
+    pyramid's logits resampled into the box plus c (True), or c alone (False)."""
+    cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=residual, SCORE_THRESH_TEST=0.0))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    predictor = model.refine_head.mask_head.predictor
+    torch.nn.init.zeros_(predictor.weight)
+    torch.nn.init.constant_(predictor.bias, 3.0)
+    priors = []
+    head_forward = model.refine_head.forward
+
+    def spy(features, boxes, batch, pooled_probs, prior):
+        priors.append(prior)
+        return head_forward(features, boxes, batch, pooled_probs, prior)
+
+    model.refine_head.forward = spy
+    outputs = []
+    refine = model._refine
+
+    def keep_output(*args):
+        out = refine(*args)
+        outputs.append(out[0])
+        return out
+
+    model._refine = keep_output
+    with torch.no_grad():
+        model(_one_batch(cfg)[:1])
+    assert len(outputs) == 1 and len(priors[0]) and priors[0].abs().max() > 0
+    expected = priors[0] + 3.0 if residual else torch.full_like(priors[0], 3.0)
+    torch.testing.assert_close(outputs[0], expected)
