@@ -220,6 +220,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # at most this many pyramids per image enter the loss, taken round-robin over the image's
     # instances (each instance's highest-scoring pyramid first), bounding its cost
     mp.REFINE_MAX_PER_IMAGE = 32
+    # inference: only the output pyramids whose best score reaches this are refined; the others
+    # (low-scored outputs, most of them false positives) are read out on the last level's grid
+    mp.REFINE_SCORE_THRESH = 0.0
 
     # --- inference ---
     mp.SCORE_THRESH_TEST = 0.05

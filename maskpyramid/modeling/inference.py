@@ -154,6 +154,7 @@ def pyramids_to_instances(
     max_detections: int,
     painted_output: bool,
     readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    readout_thresh: float = 0.0,
 ) -> Instances:
     """The final pyramids of one image, (N, H, W) logits on the last level -> ``Instances``
     of ``output_size`` with pred_masks, pred_boxes (from the masks), scores, pred_classes.
@@ -162,8 +163,9 @@ def pyramids_to_instances(
     The first decides thresholds, order, painting and NMS; each kept pyramid is then output once
     per hypothesis above ``score_thresh`` (as Mask R-CNN outputs a box once per class), and
     ``max_detections`` caps the outputs. ``readout``, when given, maps the indices (into the
-    N pyramids) of the output pyramids to their (K, h_out, w_out) bool masks (REFINE_RESOLUTION);
-    otherwise the masks are the level logits resampled to ``output_size``."""
+    N pyramids) of the output pyramids to their (K, h_out, w_out) bool masks (REFINE_RESOLUTION),
+    for the pyramids whose best output score reaches ``readout_thresh``; otherwise the masks are
+    the level logits resampled to ``output_size``."""
     if nms not in NMS_MODES:
         raise ValueError(f"MODEL.MASK_PYRAMID.NMS must be one of {NMS_MODES}, got {nms}")
     if scores.dim() == 1:
@@ -209,10 +211,18 @@ def pyramids_to_instances(
     order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
     which, scores, classes = which[order], scores[order], classes[order]
     used, inverse = torch.unique(which, return_inverse=True)
+    refined = torch.zeros_like(used, dtype=torch.bool)
     if readout is not None:
-        masks = readout(index[used])
-    else:
-        masks = logits_to_image(logits[used], stride, output_size, input_size) > logit_thresh
+        best = scores.new_zeros(len(used)).index_reduce_(0, inverse, scores, "amax")
+        refined = best >= readout_thresh
+    masks = torch.zeros(len(used), *output_size, dtype=torch.bool, device=logits.device)
+    if refined.any():
+        masks[refined] = readout(index[used[refined]])
+    if not refined.all():
+        grid = used[~refined]
+        masks[~refined] = logits_to_image(logits[grid], stride, output_size, input_size) > (
+            logit_thresh
+        )
     if painted_output and len(masks):
         _, masks = paint(masks, 0.0)  # among the pyramids, in order of their first score
     # boxes as BitMasks' (no loop), once per pyramid, not per hypothesis

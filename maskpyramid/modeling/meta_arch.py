@@ -1014,7 +1014,7 @@ class MaskPyramid(nn.Module):
                 pyr.logits[sel], scores[sel], classes[sel],
                 rec.stride, tuple(size), out_size, mp.SCORE_THRESH_TEST, mp.MASK_THRESHOLD,
                 mp.MIN_KEPT_FRACTION, mp.NMS, mp.NMS_THRESH, mp.MATRIX_NMS_SIGMA,
-                mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT, readout,
+                mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT, readout, mp.REFINE_SCORE_THRESH,
             )  # fmt: skip
             results.append({"instances": inst})
         return results

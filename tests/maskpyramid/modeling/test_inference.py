@@ -149,3 +149,33 @@ def test_paste_in_image_inverts_detectron2s_crop_and_resize():
     # an output image half the input's size: the same box covers half as many pixels a side
     half = inf.paste_in_image(torch.full((1, 28, 28), 5.0), box, (30, 40), (60, 80), 0.0)
     assert abs(int(half.sum()) - int(inside.sum()) / 4) <= 20
+
+
+def test_readout_refines_only_outputs_scoring_at_least_readout_thresh():
+    """With a ``readout``, the pyramids whose best output score reaches ``readout_thresh`` get
+    its masks (asked for once, by pyramid index); the others are read out on the level grid."""
+    logits = torch.full((3, 4, 4), -10.0)
+    logits[0, 1:3, 1:3] = 10
+    logits[1, 0, 0] = 10
+    logits[2, 3, 3] = 10
+    scores = torch.tensor([[0.9, 0.05], [0.3, 0.2], [0.5, 0.4]])
+    classes = torch.tensor([[1, 2], [2, 0], [3, 1]])
+    asked = []
+
+    def readout(index):  # every refined mask: the whole image
+        asked.append(index.tolist())
+        return torch.ones(len(index), 32, 32, dtype=torch.bool)
+
+    args = dict(stride=8, input_size=(32, 32), output_size=(32, 32), mask_thresh=0.5, min_kept=0.0,
+                nms="none", nms_thresh=0.5, matrix_sigma=2.0, painted_output=False,
+                score_thresh=0.1, max_detections=100, readout=readout)  # fmt: skip
+    out = inf.pyramids_to_instances(logits, scores, classes, readout_thresh=0.4, **args)
+    assert sorted(sum(asked, [])) == [0, 2]  # pyramid 1's best score 0.3 < 0.4
+    full = out.pred_masks.flatten(1).all(1)
+    assert out.scores.tolist() == pytest.approx([0.9, 0.5, 0.4, 0.3, 0.2])
+    assert full.tolist() == [True, True, True, False, False]  # pyramid 1 from the grid
+    grid = inf.logits_to_image(logits[1:2], 8, (32, 32), (32, 32))[0] > 0
+    assert torch.equal(out.pred_masks[3], grid) and grid[:6, :6].all() and not grid[10:].any()
+    asked.clear()
+    out = inf.pyramids_to_instances(logits, scores, classes, readout_thresh=0.0, **args)
+    assert sorted(sum(asked, [])) == [0, 1, 2] and out.pred_masks.flatten(1).all(1).all()

@@ -59,6 +59,7 @@ KNOBS = {
     "refine_p3_p4_no_cap": mp(
         REFINE_RESOLUTION=8, REFINE_FEATURES=["p3", "p4"], REFINE_MAX_PER_IMAGE=0
     ),
+    "refine_score_thresh": mp(REFINE_RESOLUTION=8, REFINE_SCORE_THRESH=0.5),
     "refine_residual_positives_only": mp(
         REFINE_RESOLUTION=8, REFINE_RESIDUAL=True, REFINE_OVERLAPPING=False
     ),
