@@ -774,8 +774,9 @@ def test_refine_overlapping_pyramids_learn_the_instance_they_overlap(mp_cfg, bes
     loss must then be the cross-entropy against that instance's mask cropped to each box."""
     cfg = mp_cfg(
         *mp(REFINE_RESOLUTION=8, REFINE_OVERLAPPING=True, REFINE_MAX_PER_IMAGE=0),
-        # no pruning: the negative roots (CLASS_NEGATIVE_ROOTS) reach the last level
-        *mp(LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+        # every local peak a candidate root and no pruning: the negative roots
+        # (CLASS_NEGATIVE_ROOTS) of the untrained model reach the last level
+        *mp(PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
     )
     torch.manual_seed(0)
     model = build_model(cfg)
