@@ -213,7 +213,7 @@ def pyramids_to_instances(
     used, inverse = torch.unique(which, return_inverse=True)
     refined = torch.zeros_like(used, dtype=torch.bool)
     if readout is not None:
-        best = scores.new_zeros(len(used)).index_reduce_(0, inverse, scores, "amax")
+        best = scores.new_zeros(len(used)).scatter_reduce(0, inverse, scores, "amax")
         refined = best >= readout_thresh
     masks = torch.zeros(len(used), *output_size, dtype=torch.bool, device=logits.device)
     if refined.any():
