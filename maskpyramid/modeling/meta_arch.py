@@ -281,13 +281,16 @@ class MaskPyramid(nn.Module):
         targets = self._batch_targets(batched_inputs, feats, images.image_sizes)
         records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on, targets)
         losses = self.losses(records, cls_maps, targets, feats, images.image_sizes)
+        overlaps = self._overlaps(records[-1], targets, images.image_sizes)
         if self.class_head is not None:
             losses.update(
-                self._pooled_class_loss(records[-1], targets, features, images.image_sizes)
+                self._pooled_class_loss(
+                    records[-1], targets, features, images.image_sizes, overlaps
+                )
             )
         if self.refine_head is not None:
             losses["loss_refine"] = self._refine_loss(
-                records[-1], targets, features, images.image_sizes
+                records[-1], targets, features, images.image_sizes, overlaps
             )
         self._log_counts(records, len(batched_inputs))
         return losses
@@ -814,7 +817,9 @@ class MaskPyramid(nn.Module):
         )
         return torch.where(nonempty[:, None], boxes, fallback)
 
-    def _pooled_class_loss(self, rec, targets, features, image_sizes) -> Dict[str, torch.Tensor]:
+    def _pooled_class_loss(
+        self, rec, targets, features, image_sizes, overlaps
+    ) -> Dict[str, torch.Tensor]:
         """Cross-entropy of the pooled class head (``loss_cls_pooled``) on every ground-truth
         instance (its box and mask) and on every positive pyramid (the box and probabilities of
         its own mask; with CLASS_BACKGROUND, labelled background when that mask's IoU with its
@@ -854,9 +859,7 @@ class MaskPyramid(nn.Module):
         sel, sel_labels = [pos], [pos_labels]
         neg = ~pos if self.class_negatives > 0 else pos.new_zeros(pos.shape)
         if neg.any():
-            neg_labels, neg_iou = self._negative_labels(
-                pyr[neg], rec, gt_masks, targets, image_sizes
-            )
+            neg_labels, neg_iou = self._negative_labels(overlaps, neg, targets)
             sel.append(neg)
             sel_labels.append(neg_labels)
             iou_targets.append(neg_iou)
@@ -885,17 +888,36 @@ class MaskPyramid(nn.Module):
             )
         return out
 
-    def _negative_labels(self, pyr, rec, gt_masks, targets, image_sizes):
-        """Class labels of pyramids rooted on no instance (CLASS_NEGATIVE_ROOTS): the class of
-        the instance of their image whose mask their final mask overlaps best, when that IoU
-        reaches CLASS_FG_IOU, otherwise background (as Fast R-CNN labels its proposals); and that
-        best IoU (0 without instances), the target of the pooled mask-IoU output."""
-        labels = torch.full_like(pyr.batch, self.num_classes)
-        if not len(gt_masks):
-            return labels, torch.zeros_like(pyr.batch, dtype=torch.float32)
-        best, owner = self._best_instances(pyr, rec, gt_masks, targets, image_sizes)
-        labels = torch.where(best >= self.mp.CLASS_FG_IOU, targets["classes"][owner], labels)
+    def _negative_labels(self, overlaps, neg, targets):
+        """Class labels of the pyramids ``neg`` (rooted on no instance, CLASS_NEGATIVE_ROOTS):
+        the class of the instance of their image whose mask their final mask overlaps best
+        (``overlaps``), when that IoU reaches CLASS_FG_IOU, otherwise background (as Fast R-CNN
+        labels its proposals); and that best IoU (0 without instances), the target of the
+        pooled mask-IoU output."""
+        best, owner = overlaps[0][neg], overlaps[1][neg]
+        labels = torch.full_like(owner, self.num_classes)
+        if len(targets["classes"]):
+            fg = best >= self.mp.CLASS_FG_IOU
+            labels = torch.where(fg, targets["classes"][owner], labels)
         return labels, best.clamp(min=0)
+
+    def _overlaps(self, rec, targets, image_sizes):
+        """For the pyramids of ``rec`` rooted on no instance, once per training step when the
+        class head's negatives (CLASS_NEGATIVE_ROOTS) or REFINE_OVERLAPPING need it: (best IoU
+        of the final mask with an instance of its image, that instance), (N,) each; -1 and 0
+        for the positives, for every pyramid without instances in its image, and when unused."""
+        pyr = rec.pyramids
+        best = torch.full((len(pyr),), -1.0, device=pyr.batch.device)
+        owner = torch.zeros_like(pyr.batch)
+        needed = (self.class_head is not None and self.class_negatives > 0) or (
+            self.refine_head is not None and self.mp.REFINE_OVERLAPPING
+        )
+        others = pyr.target < 0
+        if needed and others.any() and len(targets["classes"]):
+            best[others], owner[others] = self._best_instances(
+                pyr[others], rec, targets["masks"][rec.level], targets, image_sizes
+            )
+        return best, owner
 
     def _best_instances(self, pyr, rec, gt_masks, targets, image_sizes):
         """For each pyramid (N,): the best IoU of its final mask (logit > 0) with an instance
@@ -939,7 +961,7 @@ class MaskPyramid(nn.Module):
         logits, boxes = self._refine(pyr[index], stride, sizes, features)
         return paste_in_image(logits, boxes, out_size, size, thresh)
 
-    def _refine_loss(self, rec, targets, features, image_sizes) -> torch.Tensor:
+    def _refine_loss(self, rec, targets, features, image_sizes, overlaps) -> torch.Tensor:
         """``loss_refine``: binary cross-entropy of the refined logits against the ground-truth
         mask cropped to the same box (as Mask R-CNN's mask loss), on positive pyramids (with
         REFINE_OVERLAPPING, also on the others whose final mask overlaps an instance with IoU >=
@@ -948,13 +970,9 @@ class MaskPyramid(nn.Module):
         first), so every instance is seen."""
         pyr = rec.pyramids
         instance = pyr.target
-        others = instance < 0
-        if self.mp.REFINE_OVERLAPPING and others.any() and len(targets["classes"]):
-            best, owner = self._best_instances(
-                pyr[others], rec, targets["masks"][rec.level], targets, image_sizes
-            )
-            instance = instance.clone()
-            instance[others] = torch.where(best >= self.mp.CLASS_FG_IOU, owner, -1)
+        if self.mp.REFINE_OVERLAPPING:  # overlaps: -1 for the positives
+            best, owner = overlaps
+            instance = torch.where(best >= self.mp.CLASS_FG_IOU, owner, instance)
         pos = (instance >= 0).nonzero()[:, 0]
         zero = sum(p.sum() for p in self.refine_head.parameters()) * 0
         cap = int(self.mp.REFINE_MAX_PER_IMAGE)
