@@ -241,6 +241,10 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     mp.NMS = "none"
     mp.NMS_THRESH = 0.5
     mp.MATRIX_NMS_SIGMA = 2.0
+    # the masks NMS (and MIN_KEPT_FRACTION's painting) judge overlaps on: "grid" (each pyramid's
+    # mask on the last level's grid, before the refinement) or "output" (the output masks, read
+    # out first: refined at REFINE_RESOLUTION, the final ones that the evaluation sees)
+    mp.NMS_MASKS = "grid"
 
 
 def _thing_classes(dataset_name: str):

@@ -16,6 +16,7 @@ from .growth import mask_extents, sample_windows
 
 __all__ = [
     "NMS_MODES",
+    "NMS_MASKS",
     "paint",
     "mask_iou_matrix",
     "mask_nms",
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 NMS_MODES = ("none", "mask", "fast", "matrix")
+NMS_MASKS = ("grid", "output")
 
 
 def paint(masks: torch.Tensor, min_kept: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +157,7 @@ def pyramids_to_instances(
     painted_output: bool,
     readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     readout_thresh: float = 0.0,
+    nms_masks: str = "grid",
 ) -> Instances:
     """The final pyramids of one image, (N, H, W) logits on the last level -> ``Instances``
     of ``output_size`` with pred_masks, pred_boxes (from the masks), scores, pred_classes.
@@ -165,9 +168,17 @@ def pyramids_to_instances(
     ``max_detections`` caps the outputs. ``readout``, when given, maps the indices (into the
     N pyramids) of the output pyramids to their (K, h_out, w_out) bool masks (REFINE_RESOLUTION),
     for the pyramids whose best output score reaches ``readout_thresh``; otherwise the masks are
-    the level logits resampled to ``output_size``."""
+    the level logits resampled to ``output_size``.
+
+    ``nms_masks``: the masks NMS and painting judge overlaps on: "grid" (the level's, before the
+    readout) or "output" (the output masks: every candidate is read out first, and the readout
+    threshold applies to its first score before NMS's decay)."""
     if nms not in NMS_MODES:
         raise ValueError(f"MODEL.MASK_PYRAMID.NMS must be one of {NMS_MODES}, got {nms}")
+    if nms_masks not in NMS_MASKS:
+        raise ValueError(
+            f"MODEL.MASK_PYRAMID.NMS_MASKS must be one of {NMS_MASKS}, got {nms_masks}"
+        )
     if scores.dim() == 1:
         scores, classes = scores[:, None], classes[:, None]
     all_scores, all_classes = scores, classes
@@ -179,11 +190,30 @@ def pyramids_to_instances(
     order = torch.argsort(scores, descending=True, stable=True)
     logits, scores, classes, index = logits[order], scores[order], classes[order], index[order]
     all_scores, all_classes = all_scores[order], all_classes[order]
-    # decisions on the level's grid, inside the image
+    # the level's grid inside the image
     hv = -(-input_size[0] // int(stride))
     wv = -(-input_size[1] // int(stride))
     logit_thresh = torch.logit(torch.tensor(mask_thresh)).item()
-    binary = logits[:, :hv, :wv] > logit_thresh
+
+    def output_masks(level_logits, pyramids, best) -> torch.Tensor:
+        """(K, h_out, w_out) bool output masks of K pyramids (their level logits, indices into
+        the N given, best scores): read out when they reach ``readout_thresh``, else resampled
+        from the level's grid."""
+        refined = best >= readout_thresh if readout is not None else torch.zeros_like(best) > 0
+        masks = torch.zeros(len(best), *output_size, dtype=torch.bool, device=best.device)
+        if refined.any():
+            masks[refined] = readout(pyramids[refined])
+        if not refined.all():
+            grid = level_logits[~refined]
+            masks[~refined] = logits_to_image(grid, stride, output_size, input_size) > logit_thresh
+        return masks
+
+    candidates = None  # output masks of every candidate, when NMS judges on them
+    if nms_masks == "output":
+        candidates = output_masks(logits, index, scores)
+        binary = candidates
+    else:
+        binary = logits[:, :hv, :wv] > logit_thresh
     if nms == "matrix":
         scores = matrix_nms(binary, scores, matrix_sigma)
         keep = scores > score_thresh
@@ -201,6 +231,7 @@ def pyramids_to_instances(
     if nms == "matrix":  # decayed first scores; the other hypotheses decay alike
         decay = scores / all_scores[:, 0].clamp(min=1e-12)
         all_scores = all_scores * decay[:, None]
+    rows = keep.nonzero()[:, 0]
     logits, scores, classes, index = logits[keep], scores[keep], classes[keep], index[keep]
     all_scores, all_classes = all_scores[keep], all_classes[keep]
     # one output per (pyramid, hypothesis) above the threshold, best scores first
@@ -211,18 +242,11 @@ def pyramids_to_instances(
     order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
     which, scores, classes = which[order], scores[order], classes[order]
     used, inverse = torch.unique(which, return_inverse=True)
-    refined = torch.zeros_like(used, dtype=torch.bool)
-    if readout is not None:
+    if candidates is not None:
+        masks = candidates[rows[used]]
+    else:
         best = scores.new_zeros(len(used)).scatter_reduce(0, inverse, scores, "amax")
-        refined = best >= readout_thresh
-    masks = torch.zeros(len(used), *output_size, dtype=torch.bool, device=logits.device)
-    if refined.any():
-        masks[refined] = readout(index[used[refined]])
-    if not refined.all():
-        grid = used[~refined]
-        masks[~refined] = logits_to_image(logits[grid], stride, output_size, input_size) > (
-            logit_thresh
-        )
+        masks = output_masks(logits[used], index[used], best)
     if painted_output and len(masks):
         _, masks = paint(masks, 0.0)  # among the pyramids, in order of their first score
     # boxes as BitMasks' (no loop), once per pyramid, not per hypothesis

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from . import growth as G
 from .heads import PooledClassHead, PyramidMaskHead, RefineHead, ScoreHead, SemSegHead
-from .inference import NMS_MODES, mask_iou_matrix, paste_in_image, pyramids_to_instances
+from .inference import NMS_MASKS, NMS_MODES, mask_iou_matrix, paste_in_image, pyramids_to_instances
 from .losses import (
     MASK_LOSSES,
     dense_class_loss,
@@ -136,6 +136,7 @@ class MaskPyramid(nn.Module):
             "CLASS_HEAD": ("root", "pooled"),
             "MASK_LOSS": MASK_LOSSES,
             "NMS": NMS_MODES,
+            "NMS_MASKS": NMS_MASKS,
         }
         for key, allowed in choices.items():
             if mp[key] not in allowed:
@@ -1033,6 +1034,7 @@ class MaskPyramid(nn.Module):
                 rec.stride, tuple(size), out_size, mp.SCORE_THRESH_TEST, mp.MASK_THRESHOLD,
                 mp.MIN_KEPT_FRACTION, mp.NMS, mp.NMS_THRESH, mp.MATRIX_NMS_SIGMA,
                 mp.DETECTIONS_PER_IMAGE, mp.PAINTED_OUTPUT, readout, mp.REFINE_SCORE_THRESH,
+                mp.NMS_MASKS,
             )  # fmt: skip
             results.append({"instances": inst})
         return results

@@ -1,5 +1,7 @@
 """inference.py: priority painting, mask NMS variants, resampling to the image, Instances."""
 
+import math
+
 import pytest
 import torch
 
@@ -179,3 +181,41 @@ def test_readout_refines_only_outputs_scoring_at_least_readout_thresh():
     asked.clear()
     out = inf.pyramids_to_instances(logits, scores, classes, readout_thresh=0.0, **args)
     assert sorted(sum(asked, [])) == [0, 1, 2] and out.pred_masks.flatten(1).all(1).all()
+
+
+def test_nms_masks_output_judges_duplicates_on_the_read_out_masks():
+    """Two pyramids apart on the level grid whose read-out masks coincide: NMS on the grid keeps
+    both; NMS_MASKS "output" reads every candidate out first and drops the lower one, and the
+    kept one's mask is the read-out mask it was judged on (read out once)."""
+    logits = torch.full((3, 4, 4), -10.0)
+    logits[0, 0:2, 0:2] = 10
+    logits[1, 2:4, 2:4] = 10
+    logits[2, 0:2, 2:4] = 10
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    classes = torch.tensor([0, 0, 1])
+    asked = []
+
+    def readout(index):  # pyramids 0 and 1 read out to the same left half; 2 to the right half
+        asked.append(index.tolist())
+        masks = torch.zeros(len(index), 32, 32, dtype=torch.bool)
+        masks[index < 2, :, :16] = True
+        masks[index == 2, :, 16:] = True
+        return masks
+
+    args = dict(stride=8, input_size=(32, 32), output_size=(32, 32), mask_thresh=0.5, min_kept=0.0,
+                nms="mask", nms_thresh=0.5, matrix_sigma=2.0, painted_output=False,
+                score_thresh=0.1, max_detections=100, readout=readout)  # fmt: skip
+    grid = inf.pyramids_to_instances(logits, scores, classes, **args)
+    assert grid.scores.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    asked.clear()
+    out = inf.pyramids_to_instances(logits, scores, classes, nms_masks="output", **args)
+    assert out.scores.tolist() == pytest.approx([0.9, 0.7])
+    assert out.pred_masks[0, :, :16].all() and not out.pred_masks[0, :, 16:].any()
+    assert out.pred_masks[1, :, 16:].all() and not out.pred_masks[1, :, :16].any()
+    assert sorted(sum(asked, [])) == [0, 1, 2]  # every candidate once, none again
+    # Matrix NMS decays the duplicate's score on the output masks (IoU 1: exp(-sigma))
+    args.update(nms="matrix", score_thresh=0.01)
+    out = inf.pyramids_to_instances(logits, scores, classes, nms_masks="output", **args)
+    assert out.scores.tolist() == pytest.approx([0.9, 0.7, 0.8 * math.exp(-2.0)])
+    with pytest.raises(ValueError, match="NMS_MASKS"):
+        inf.pyramids_to_instances(logits, scores, classes, nms_masks="level", **args)

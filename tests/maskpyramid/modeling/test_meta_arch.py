@@ -68,6 +68,7 @@ KNOBS = {
     "nms_mask": mp(NMS="mask"),
     "nms_fast": mp(NMS="fast"),
     "nms_matrix": mp(NMS="matrix"),
+    "nms_masks_output": mp(REFINE_RESOLUTION=8, NMS="matrix", NMS_MASKS="output"),
     "extra_channels_2": mp(EXTRA_CHANNELS=2),
     "extra_channels_3": mp(EXTRA_CHANNELS=3, SPAWN_MODE="both"),
     "start_grid_2x4": mp(START_GRID=[2, 4]),
