@@ -50,12 +50,22 @@ def paint(masks: torch.Tensor, min_kept: float) -> Tuple[torch.Tensor, torch.Ten
     return keep, painted
 
 
-def mask_iou_matrix(masks: torch.Tensor, others: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, M) IoU of (N, H, W) bool masks with (M, H, W) ``others`` (default: themselves)."""
-    flat = masks.flatten(1).float()
-    other = flat if others is None else others.flatten(1).float()
-    inter = flat @ other.T
-    return inter / (flat.sum(1)[:, None] + other.sum(1)[None, :] - inter).clamp(min=1)
+def mask_iou_matrix(
+    masks: torch.Tensor, others: Optional[torch.Tensor] = None, chunk: int = 1 << 16
+) -> torch.Tensor:
+    """(N, M) IoU of (N, H, W) bool masks with (M, H, W) ``others`` (default: themselves).
+
+    The pixels go through the matrix product ``chunk`` at a time, so that no float copy of the
+    masks is made whole (100 output masks of an 800 x 1333 image: 430 MB as float32)."""
+    flat = masks.flatten(1)
+    other = flat if others is None else others.flatten(1)
+    inter = flat.new_zeros(flat.shape[0], other.shape[0], dtype=torch.float32)
+    for start in range(0, flat.shape[1], chunk):  # pixels, not masks
+        a = flat[:, start : start + chunk].float()
+        b = a if others is None else other[:, start : start + chunk].float()
+        inter += a @ b.T
+    area, area_other = flat.sum(1).float(), other.sum(1).float()
+    return inter / (area[:, None] + area_other[None, :] - inter).clamp(min=1)
 
 
 def mask_nms(masks: torch.Tensor, threshold: float) -> torch.Tensor:

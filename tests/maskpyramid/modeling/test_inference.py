@@ -25,6 +25,20 @@ def test_paint_drops_duplicates_and_keeps_partly_covered():
     assert keep.all()
 
 
+def test_mask_iou_matrix_in_pixel_chunks_equals_the_whole_product():
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(7, 13, 11, generator=g) > 0.6
+    b = torch.rand(4, 13, 11, generator=g) > 0.3
+    fa, fb = a.flatten(1).float(), b.flatten(1).float()
+    inter = fa @ fb.T
+    ref = inter / (fa.sum(1)[:, None] + fb.sum(1)[None] - inter)
+    for chunk in (1, 10, 143, 1 << 16):  # 143 pixels: one chunk
+        assert torch.allclose(inf.mask_iou_matrix(a, b, chunk=chunk), ref)
+        assert torch.allclose(inf.mask_iou_matrix(a, chunk=chunk).diagonal(), torch.ones(7))
+    empty = torch.zeros(2, 5, 5, dtype=torch.bool)
+    assert inf.mask_iou_matrix(empty).eq(0).all()  # no pixels: IoU 0, not NaN
+
+
 def test_greedy_mask_nms_matches_a_sequential_reference():
     g = torch.Generator().manual_seed(0)
     m = torch.rand(30, 6, 6, generator=g) > 0.5
