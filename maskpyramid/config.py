@@ -143,6 +143,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # layers
     mp.CLASS_POOL_FEATURES = ["p2", "p3", "p4", "p5"]
     mp.CLASS_POOL_RESOLUTION = 7
+    # ROIAlign's points per bin side (as ROI_BOX_HEAD.POOLER_SAMPLING_RATIO); 0 = adaptive, the
+    # ceiling of the bin's size in cells: 9 to 16 points per bin for most boxes
+    mp.CLASS_POOL_SAMPLING_RATIO = 0
     mp.CLASS_NUM_CONV = 2
     mp.CLASS_CONV_DIM = 128
     mp.CLASS_NUM_FC = 1
@@ -201,6 +204,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # FPN levels to pool from (each box's level by its size, as Mask R-CNN's ROIPooler)
     mp.REFINE_FEATURES = ["p2", "p3", "p4", "p5"]
     mp.REFINE_CONVS = 4
+    # ROIAlign's points per bin side for the features (as ROI_MASK_HEAD.POOLER_SAMPLING_RATIO);
+    # 0 = adaptive
+    mp.REFINE_SAMPLING_RATIO = 0
     mp.REFINE_CHANNELS = 64
     # the mask box grows by this fraction of its side, plus half a cell of the last level, on
     # each side (room to grow beyond the coarse mask)

@@ -179,6 +179,7 @@ class PooledClassHead(nn.Module):
         num_fc: int,
         fc_dim: int,
         maskiou: bool = False,
+        sampling_ratio: int = 0,
     ):
         super().__init__()
         if num_fc < 1 or num_conv < 0:
@@ -186,7 +187,9 @@ class PooledClassHead(nn.Module):
                 "MODEL.MASK_PYRAMID.CLASS_NUM_FC must be >= 1 and CLASS_NUM_CONV >= 0, got "
                 f"{num_fc} and {num_conv}"
             )
-        self.pooler = ROIPooler(resolution, [1.0 / s for s in strides], 0, "ROIAlignV2")
+        self.pooler = ROIPooler(
+            resolution, [1.0 / s for s in strides], sampling_ratio, "ROIAlignV2"
+        )
         self.fc = FastRCNNConvFCHead(
             ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
             conv_dims=[conv_dim] * num_conv,
@@ -238,6 +241,7 @@ class RefineHead(nn.Module):
         num_conv: int,
         conv_dim: int,
         residual: bool = True,
+        sampling_ratio: int = 0,
     ):
         super().__init__()
         self.residual = residual
@@ -252,7 +256,9 @@ class RefineHead(nn.Module):
                 f"{num_conv} and {conv_dim}"
             )
         self.resolution = resolution
-        self.pooler = ROIPooler(resolution // 2, [1.0 / s for s in strides], 0, "ROIAlignV2")
+        self.pooler = ROIPooler(
+            resolution // 2, [1.0 / s for s in strides], sampling_ratio, "ROIAlignV2"
+        )
         self.mask_head = MaskRCNNConvUpsampleHead(
             ShapeSpec(channels=in_channels + 1, height=resolution // 2, width=resolution // 2),
             num_classes=1,

@@ -143,6 +143,11 @@ class MaskPyramid(nn.Module):
                 raise ValueError(
                     f"MODEL.MASK_PYRAMID.{key} must be one of {allowed}, got {mp[key]}"
                 )
+        for key in ("WINDOW_SAMPLING_RATIO", "CLASS_POOL_SAMPLING_RATIO", "REFINE_SAMPLING_RATIO"):
+            if mp[key] < 0:
+                raise ValueError(
+                    f"MODEL.MASK_PYRAMID.{key} must be >= 0 (0: adaptive), got {mp[key]}"
+                )
         if mp.EXTRA_CHANNELS not in (1, 2, 3):
             raise ValueError(
                 f"MODEL.MASK_PYRAMID.EXTRA_CHANNELS must be 1, 2 or 3, got {mp.EXTRA_CHANNELS}"
@@ -211,6 +216,7 @@ class MaskPyramid(nn.Module):
                 mp.CLASS_NUM_FC,
                 mp.CLASS_FC_DIM,
                 maskiou=self.pooled_maskiou,
+                sampling_ratio=mp.CLASS_POOL_SAMPLING_RATIO,
             )
         self.refine_head = None
         if mp.REFINE_RESOLUTION > 0:
@@ -222,6 +228,7 @@ class MaskPyramid(nn.Module):
                 mp.REFINE_CONVS,
                 mp.REFINE_CHANNELS,
                 mp.REFINE_RESIDUAL,
+                sampling_ratio=mp.REFINE_SAMPLING_RATIO,
             )
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None

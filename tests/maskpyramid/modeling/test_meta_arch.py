@@ -69,6 +69,9 @@ KNOBS = {
     "nms_fast": mp(NMS="fast"),
     "nms_matrix": mp(NMS="matrix"),
     "nms_masks_output": mp(REFINE_RESOLUTION=8, NMS="matrix", NMS_MASKS="output"),
+    "pool_sampling_2": mp(
+        REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=2
+    ),
     "extra_channels_2": mp(EXTRA_CHANNELS=2),
     "extra_channels_3": mp(EXTRA_CHANNELS=3, SPAWN_MODE="both"),
     "start_grid_2x4": mp(START_GRID=[2, 4]),
@@ -404,6 +407,17 @@ def test_tower_channels_narrow_the_per_image_towers(mp_cfg):
         build_model(mp_cfg(*mp(TOWER_CHANNELS=-1)))
 
 
+def test_pooler_sampling_ratios_reach_the_class_and_refinement_poolers(mp_cfg):
+    model = build_model(
+        mp_cfg(*mp(REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=3))
+    )
+    default = build_model(mp_cfg(*mp(REFINE_RESOLUTION=8)))
+    for m, ratios in ((model, (2, 3)), (default, (0, 0))):
+        heads = (m.class_head, m.refine_head)
+        for head, ratio in zip(heads, ratios):
+            assert {p.sampling_ratio for p in head.pooler.level_poolers} == {ratio}
+
+
 def test_window_sampling_ratio_reaches_roi_align(mp_cfg):
     import torchvision
 
@@ -662,6 +676,8 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(REFINE_RESOLUTION=8, REFINE_CONVS=0), "REFINE_CONVS"),
         (mp(REFINE_RESOLUTION=8, REFINE_FEATURES=["p2", "p9"]), "REFINE_FEATURES"),
         (mp(REFINE_RESOLUTION=8, REFINE_FEATURES=["p2", "p4"]), "REFINE_FEATURES"),
+        (mp(CLASS_POOL_SAMPLING_RATIO=-1), "CLASS_POOL_SAMPLING_RATIO"),
+        (mp(REFINE_SAMPLING_RATIO=-2), "REFINE_SAMPLING_RATIO"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
