@@ -411,8 +411,10 @@ def test_pooler_sampling_ratios_reach_the_class_and_refinement_poolers(mp_cfg):
     model = build_model(
         mp_cfg(*mp(REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=3))
     )
-    default = build_model(mp_cfg(*mp(REFINE_RESOLUTION=8)))
-    for m, ratios in ((model, (2, 3)), (default, (0, 0))):
+    default = build_model(
+        mp_cfg(*mp(REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=0, REFINE_SAMPLING_RATIO=0))
+    )
+    for m, ratios in ((model, (2, 3)), (default, (0, 0))):  # 0: adaptive
         heads = (m.class_head, m.refine_head)
         for head, ratio in zip(heads, ratios):
             assert {p.sampling_ratio for p in head.pooler.level_poolers} == {ratio}
