@@ -209,7 +209,9 @@ def pyramids_to_instances(
         """(K, h_out, w_out) bool output masks of K pyramids (their level logits, indices into
         the N given, best scores): read out when they reach ``readout_thresh``, else resampled
         from the level's grid."""
-        refined = best >= readout_thresh if readout is not None else torch.zeros_like(best) > 0
+        refined = best >= readout_thresh
+        if readout is None:
+            refined = torch.zeros_like(refined)
         masks = torch.zeros(len(best), *output_size, dtype=torch.bool, device=best.device)
         if refined.any():
             masks[refined] = readout(pyramids[refined])
