@@ -211,6 +211,19 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # the mask box grows by this fraction of its side, plus half a cell of the last level, on
     # each side (room to grow beyond the coarse mask)
     mp.REFINE_BOX_MARGIN = 0.1
+    # the pooled class head also regresses each pyramid's instance box from its mask box (Fast
+    # R-CNN's class-agnostic deltas, Box2BoxTransform weights 10, 10, 5, 5, L1 loss), and the
+    # refinement works on the union of the grown mask box and the regressed box, in training as
+    # at inference: room for what the coarse mask missed (on shapes, the masks of rings covered
+    # half of the ring). Needs CLASS_HEAD "pooled" and REFINE_RESOLUTION > 0
+    mp.REFINE_BOX_REGRESSION = False
+    # weight of that L1 loss (``loss_box_reg``), summed over the regressed rows and divided by all
+    # the class head's rows, as Fast R-CNN's
+    mp.BOX_REG_LOSS_WEIGHT = 1.0
+    # a row regresses only when its mask box overlaps its instance's box with at least this IoU
+    # (Fast R-CNN regresses its foreground proposals, IoU >= 0.5): an untrained mask's box of a
+    # cell or of the whole image says nothing of where the instance is
+    mp.BOX_REG_MIN_IOU = 0.3
     # True: the head's output is a correction added to the pyramid's own logits resampled into
     # the box (the refined mask starts as the pyramid's); False: the head's output is the mask
     # (Mask R-CNN's mask head, which also sees the pyramid's mask as an input channel), free to

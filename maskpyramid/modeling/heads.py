@@ -163,7 +163,9 @@ class PooledClassHead(nn.Module):
     detectron2's ``FastRCNNConvFCHead`` (3x3 convs with GroupNorm, then fully connected layers)
     and a linear layer give class logits (and, with ``maskiou``, a second linear layer the logit
     of the mask's IoU with its instance, as Mask Scoring R-CNN's MaskIoU head, but class-agnostic
-    and on the same features). No box regression. The GroupNorm matters: on the raw
+    and on the same features), and with ``box_deltas`` class-agnostic box deltas (Fast R-CNN's)
+    of the pyramid's instance box from the mask's box, by a fully connected layer of its own on
+    the convolutions' maps (detached from them). The GroupNorm matters: on the raw
     FPN features of a from-scratch backbone, fully connected layers alone diverged at a learning
     rate of 0.02 (shapes, about 120 iterations).
     """
@@ -180,6 +182,8 @@ class PooledClassHead(nn.Module):
         fc_dim: int,
         maskiou: bool = False,
         sampling_ratio: int = 0,
+        box_deltas: bool = False,
+        box_fc_dim: int = 256,
     ):
         super().__init__()
         if num_fc < 1 or num_conv < 0:
@@ -204,6 +208,18 @@ class PooledClassHead(nn.Module):
             self.mask_iou = nn.Linear(fc_dim, 1)
             nn.init.normal_(self.mask_iou.weight, std=0.01)
             nn.init.constant_(self.mask_iou.bias, 0)
+        self.box_fc = self.bbox_pred = None
+        if box_deltas:
+            # its own fully connected layer on the convolutions' maps, which it does not train:
+            # sharing the class head's layers cost 6.6 segm AP on shapes_val (its classes)
+            conv_out = (conv_dim if num_conv else in_channels + 1) * resolution**2
+            self.box_fc = nn.Sequential(nn.Linear(conv_out, box_fc_dim), nn.ReLU(inplace=True))
+            nn.init.kaiming_uniform_(self.box_fc[0].weight, a=1)  # as FastRCNNConvFCHead's
+            nn.init.constant_(self.box_fc[0].bias, 0)
+            # class-agnostic, as Fast R-CNN's box predictor's initialisation
+            self.bbox_pred = nn.Linear(box_fc_dim, 4)
+            nn.init.normal_(self.bbox_pred.weight, std=0.001)
+            nn.init.constant_(self.bbox_pred.bias, 0)
 
     def forward(
         self,
@@ -211,14 +227,23 @@ class PooledClassHead(nn.Module):
         boxes: torch.Tensor,
         batch: torch.Tensor,
         pooled_masks: torch.Tensor,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """features: the CLASS_POOL_FEATURES maps; boxes: (K, 4) XYXY pixels of images
         ``batch`` (K,); pooled_masks: (K, 1, R, R) mask probabilities on the same boxes.
-        Returns (K, C) class logits and (K,) mask-IoU logits (None without ``maskiou``)."""
+        Returns (K, C) class logits, (K,) mask-IoU logits (None without ``maskiou``) and (K, 4)
+        box deltas from ``boxes`` (None without ``box_deltas``)."""
         pooled = _pool_per_image(self.pooler, features, boxes, batch)
-        x = self.fc(torch.cat([pooled, pooled_masks], 1))
+        x = torch.cat([pooled, pooled_masks], 1)
+        maps = x
+        for layer in self.fc:  # FastRCNNConvFCHead is a Sequential: convs, flatten, fcs
+            if isinstance(layer, nn.Flatten):
+                maps = x
+            x = layer(x)
         iou = self.mask_iou(x)[:, 0] if self.mask_iou is not None else None
-        return self.cls_score(x), iou
+        deltas = None
+        if self.bbox_pred is not None:
+            deltas = self.bbox_pred(self.box_fc(maps.detach().flatten(1)))
+        return self.cls_score(x), iou, deltas
 
 
 class RefineHead(nn.Module):

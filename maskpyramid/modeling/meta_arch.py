@@ -15,7 +15,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ROIAlign
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import ImageList
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Boxes, ImageList
+from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
@@ -217,6 +219,7 @@ class MaskPyramid(nn.Module):
                 mp.CLASS_FC_DIM,
                 maskiou=self.pooled_maskiou,
                 sampling_ratio=mp.CLASS_POOL_SAMPLING_RATIO,
+                box_deltas=mp.REFINE_BOX_REGRESSION,
             )
         self.refine_head = None
         if mp.REFINE_RESOLUTION > 0:
@@ -230,6 +233,14 @@ class MaskPyramid(nn.Module):
                 mp.REFINE_RESIDUAL,
                 sampling_ratio=mp.REFINE_SAMPLING_RATIO,
             )
+        self.box_transform = None
+        if mp.REFINE_BOX_REGRESSION:
+            if self.class_head is None or self.refine_head is None:
+                raise ValueError(
+                    "MODEL.MASK_PYRAMID.REFINE_BOX_REGRESSION regresses the refinement's box with "
+                    "the pooled class head: it needs CLASS_HEAD 'pooled' and REFINE_RESOLUTION > 0"
+                )
+            self.box_transform = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
         )
@@ -290,15 +301,15 @@ class MaskPyramid(nn.Module):
         records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on, targets)
         losses = self.losses(records, cls_maps, targets, feats, images.image_sizes)
         overlaps = self._overlaps(records[-1], targets, images.image_sizes)
+        refine_boxes = None
         if self.class_head is not None:
-            losses.update(
-                self._pooled_class_loss(
-                    records[-1], targets, features, images.image_sizes, overlaps
-                )
+            class_losses, refine_boxes = self._pooled_class_loss(
+                records[-1], targets, features, images.image_sizes, overlaps
             )
+            losses.update(class_losses)
         if self.refine_head is not None:
             losses["loss_refine"] = self._refine_loss(
-                records[-1], targets, features, images.image_sizes, overlaps
+                records[-1], targets, features, images.image_sizes, overlaps, refine_boxes
             )
         self._log_counts(records, len(batched_inputs))
         return losses
@@ -799,8 +810,8 @@ class MaskPyramid(nn.Module):
     # ------------------------------------------------------------------ pooled classes
     def _pooled_class_logits(self, features, probs, batch, boxes, stride):
         """(K, C) class logits of masks ``probs`` (K, H, W) on a level of ``stride``, whose boxes
-        (K, 4) are in input pixels (CLASS_HEAD "pooled"), and (K,) mask-IoU logits (None unless
-        SCORE_MODE "maskiou")."""
+        (K, 4) are in input pixels (CLASS_HEAD "pooled"), (K,) mask-IoU logits (None unless
+        SCORE_MODE "maskiou") and (K, 4) box deltas (None unless REFINE_BOX_REGRESSION)."""
         r = self.mp.CLASS_POOL_RESOLUTION
         idx = torch.arange(len(probs), device=probs.device, dtype=boxes.dtype)
         pooled_masks = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(
@@ -825,9 +836,7 @@ class MaskPyramid(nn.Module):
         )
         return torch.where(nonempty[:, None], boxes, fallback)
 
-    def _pooled_class_loss(
-        self, rec, targets, features, image_sizes, overlaps
-    ) -> Dict[str, torch.Tensor]:
+    def _pooled_class_loss(self, rec, targets, features, image_sizes, overlaps):
         """Cross-entropy of the pooled class head (``loss_cls_pooled``) on every ground-truth
         instance (its box and mask) and on every positive pyramid (the box and probabilities of
         its own mask; with CLASS_BACKGROUND, labelled background when that mask's IoU with its
@@ -838,7 +847,12 @@ class MaskPyramid(nn.Module):
         mask IoU against the IoU of each pyramid's final mask (logit > 0) with its instance (for
         the other pyramids: with the instance it overlaps best, 0 for none), on the pyramids only
         (a ground-truth mask's IoU is 1 by construction). Its minimum is the targets' entropy,
-        not 0."""
+        not 0.
+
+        With REFINE_BOX_REGRESSION, also ``loss_box_reg`` (``_box_reg_loss``).
+
+        Returns the losses, and the regressed boxes (N, 4) of the pyramids of ``rec`` (detached;
+        NaN for those the head did not see), or None without REFINE_BOX_REGRESSION."""
         pyr = rec.pyramids
         pos = pyr.target >= 0
         sizes = self._sizes(image_sizes)
@@ -864,37 +878,82 @@ class MaskPyramid(nn.Module):
             [targets["batch"]],
             [targets["classes"]],
         )
-        sel, sel_labels = [pos], [pos_labels]
+        # the instance each row's box regresses to: the ground truth's own (deltas 0), the
+        # positives' instance, the others' when they overlap it as the class head's foreground
+        instances = [torch.arange(len(targets["classes"]), device=pyr.batch.device)]
+        sel, sel_labels, sel_instances = [pos], [pos_labels], [pyr.target[pos]]
         neg = ~pos if self.class_negatives > 0 else pos.new_zeros(pos.shape)
         if neg.any():
             neg_labels, neg_iou = self._negative_labels(overlaps, neg, targets)
             sel.append(neg)
             sel_labels.append(neg_labels)
             iou_targets.append(neg_iou)
-        for s, s_labels in zip(sel, sel_labels):
+            best, owner = overlaps[0][neg], overlaps[1][neg]
+            sel_instances.append(torch.where(best >= self.mp.CLASS_FG_IOU, owner, -1))
+        rows = []  # the pyramids of each row after the ground truth
+        for s, s_labels, s_instances in zip(sel, sel_labels, sel_instances):
             if s.any():
                 s_boxes, s_probs = self._mask_boxes(pyr[s], rec.stride, sizes)
                 probs.append(s_probs)
                 boxes.append(s_boxes)
                 batch.append(pyr.batch[s])
                 labels.append(s_labels)
+                instances.append(s_instances)
+                rows.append(s.nonzero()[:, 0])
         labels = torch.cat(labels)
         zero = sum(p.sum() for p in self.class_head.parameters()) * 0
         out = {"loss_cls_pooled": zero}
         if self.pooled_maskiou:
             out["loss_maskiou"] = zero
+        refine_boxes = None
+        if self.box_transform is not None:
+            out["loss_box_reg"] = zero
+            refine_boxes = torch.full((len(pyr), 4), float("nan"), device=pyr.batch.device)
         if not len(labels):
-            return out
-        logits, iou_logits = self._pooled_class_logits(
-            features, torch.cat(probs), torch.cat(batch), torch.cat(boxes), rec.stride
+            return out, refine_boxes
+        boxes = torch.cat(boxes)
+        logits, iou_logits, deltas = self._pooled_class_logits(
+            features, torch.cat(probs), torch.cat(batch), boxes, rec.stride
         )
+        if self.box_transform is not None:
+            out["loss_box_reg"] = self._box_reg_loss(deltas, boxes, torch.cat(instances), targets)
+            n_gt = len(targets["classes"])
+            if rows:
+                rows = torch.cat(rows)
+                refine_boxes[rows] = self._regressed_boxes(
+                    deltas[n_gt:].detach(), boxes[n_gt:], pyr.batch[rows], sizes
+                )
         out["loss_cls_pooled"] = self.mp.POOLED_CLASS_LOSS_WEIGHT * F.cross_entropy(logits, labels)
         n_gt = len(targets["classes"])  # the ground-truth masks come first
         if self.pooled_maskiou and len(labels) > n_gt:
             out["loss_maskiou"] = self.mp.MASKIOU_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
                 iou_logits[n_gt:], torch.cat(iou_targets)
             )
-        return out
+        return out, refine_boxes
+
+    def _box_reg_loss(self, deltas, boxes, instances, targets) -> torch.Tensor:
+        """``loss_box_reg``: L1 loss of the class head's box deltas (K, 4) from ``boxes`` (K, 4)
+        to the boxes of their ``instances`` (K,; -1: none, no loss), summed and divided by the K
+        rows (Fast R-CNN's normalisation); only rows whose box overlaps their instance's with
+        IoU >= BOX_REG_MIN_IOU."""
+        fg = (instances >= 0).nonzero()[:, 0]
+        gt_boxes = targets["boxes"][instances[fg]]
+        close = matched_pairwise_iou(Boxes(boxes[fg]), Boxes(gt_boxes)) >= self.mp.BOX_REG_MIN_IOU
+        fg, gt_boxes = fg[close], gt_boxes[close]
+        if not len(fg):
+            return deltas.sum() * 0
+        gt_deltas = self.box_transform.get_deltas(boxes[fg], gt_boxes)
+        loss = F.l1_loss(deltas[fg], gt_deltas, reduction="sum") / len(deltas)
+        return self.mp.BOX_REG_LOSS_WEIGHT * loss
+
+    def _regressed_boxes(self, deltas, boxes, batch, sizes) -> torch.Tensor:
+        """The class head's boxes (K, 4): ``deltas`` applied to ``boxes``, clipped to the
+        images."""
+        out = self.box_transform.apply_deltas(deltas, boxes)
+        limits = G.image_boxes(sizes, batch)
+        return torch.cat(
+            [torch.maximum(out[:, :2], limits[:, :2]), torch.minimum(out[:, 2:], limits[:, 2:])], 1
+        )
 
     def _negative_labels(self, overlaps, neg, targets):
         """Class labels of the pyramids ``neg`` (rooted on no instance, CLASS_NEGATIVE_ROOTS):
@@ -938,21 +997,24 @@ class MaskPyramid(nn.Module):
         return iou.max(1)
 
     # ------------------------------------------------------------------ refinement
-    def _refine(self, pyr, stride, sizes, features):
+    def _refine(self, pyr, stride, sizes, features, regressed=None):
         """(K, R, R) refined logits of the pyramids' masks at object resolution
-        (REFINE_RESOLUTION) on their grown mask boxes (K, 4), input pixels."""
+        (REFINE_RESOLUTION) on their grown mask boxes (K, 4), input pixels; with ``regressed``
+        (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two (a NaN row: the grown
+        mask box alone)."""
         mp = self.mp
         r = int(mp.REFINE_RESOLUTION)
         logits = pyr.logits.detach()
         boxes, probs = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
         grow = (boxes[:, 2:] - boxes[:, :2]) * mp.REFINE_BOX_MARGIN + stride / 2
+        low, high = boxes[:, :2] - grow, boxes[:, 2:] + grow
+        if regressed is not None:
+            known = torch.isfinite(regressed).all(1, keepdim=True)
+            low = torch.where(known, torch.minimum(low, regressed[:, :2]), low)
+            high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
         boxes = torch.cat(
-            [
-                torch.maximum(boxes[:, :2] - grow, limits[:, :2]),
-                torch.minimum(boxes[:, 2:] + grow, limits[:, 2:]),
-            ],
-            1,
+            [torch.maximum(low, limits[:, :2]), torch.minimum(high, limits[:, 2:])], 1
         )
         idx = torch.arange(len(pyr), device=boxes.device, dtype=boxes.dtype)
         rois = torch.cat([idx[:, None], boxes], 1)
@@ -963,19 +1025,26 @@ class MaskPyramid(nn.Module):
         maps = [features[f] for f in self.refine_features]
         return self.refine_head(maps, boxes, pyr.batch, pooled_probs, prior), boxes
 
-    def _refined_masks(self, pyr, stride, sizes, features, out_size, size, thresh, index):
+    def _refined_masks(
+        self, pyr, stride, sizes, features, out_size, size, thresh, regressed, index
+    ):
         """(K, h, w) bool output masks of the pyramids ``index`` of ``pyr`` (one image),
-        refined and pasted into the image (the ``readout`` of ``pyramids_to_instances``)."""
-        logits, boxes = self._refine(pyr[index], stride, sizes, features)
+        refined and pasted into the image (the ``readout`` of ``pyramids_to_instances``);
+        ``regressed``: the pyramids' regressed boxes, or None."""
+        regressed = regressed[index] if regressed is not None else None
+        logits, boxes = self._refine(pyr[index], stride, sizes, features, regressed)
         return paste_in_image(logits, boxes, out_size, size, thresh)
 
-    def _refine_loss(self, rec, targets, features, image_sizes, overlaps) -> torch.Tensor:
+    def _refine_loss(
+        self, rec, targets, features, image_sizes, overlaps, regressed=None
+    ) -> torch.Tensor:
         """``loss_refine``: binary cross-entropy of the refined logits against the ground-truth
         mask cropped to the same box (as Mask R-CNN's mask loss), on positive pyramids (with
         REFINE_OVERLAPPING, also on the others whose final mask overlaps an instance with IoU >=
         CLASS_FG_IOU, against that instance); at most REFINE_MAX_PER_IMAGE per image, taken
         round-robin over the image's instances (each instance's highest-scoring pyramid
-        first), so every instance is seen."""
+        first), so every instance is seen. ``regressed``: the pyramids' regressed boxes
+        (REFINE_BOX_REGRESSION), or None."""
         pyr = rec.pyramids
         instance = pyr.target
         if self.mp.REFINE_OVERLAPPING:  # overlaps: -1 for the positives
@@ -991,7 +1060,13 @@ class MaskPyramid(nn.Module):
             return zero
         sub = pyr[pos]
         target = instance[pos]
-        logits, boxes = self._refine(sub, rec.stride, self._sizes(image_sizes), features)
+        logits, boxes = self._refine(
+            sub,
+            rec.stride,
+            self._sizes(image_sizes),
+            features,
+            regressed[pos] if regressed is not None else None,
+        )
         r = logits.shape[-1]
         gt = torch.zeros_like(logits)
         for b, masks in enumerate(targets["gt_masks"]):  # images, as detectron2's mask loss
@@ -1021,7 +1096,7 @@ class MaskPyramid(nn.Module):
     def inference(self, rec: LevelRecord, batched_inputs, image_sizes, features=None):
         mp = self.mp
         pyr = rec.pyramids
-        class_scores = self._class_scores(pyr, rec, image_sizes, features)  # (N, C)
+        class_scores, regressed = self._class_scores(pyr, rec, image_sizes, features)  # (N, C)
         k = max(1, min(int(mp.CLASSES_PER_PYRAMID), self.num_classes))
         scores, classes = class_scores.topk(k, dim=1)  # (N, k) hypotheses, best first
         results = []
@@ -1034,7 +1109,7 @@ class MaskPyramid(nn.Module):
             if self.refine_head is not None:
                 readout = functools.partial(
                     self._refined_masks, pyr[sel], rec.stride, sizes, features, out_size,
-                    tuple(size), logit_thresh,
+                    tuple(size), logit_thresh, regressed[sel] if regressed is not None else None,
                 )  # fmt: skip
             inst = pyramids_to_instances(
                 pyr.logits[sel], scores[sel], classes[sel],
@@ -1046,14 +1121,16 @@ class MaskPyramid(nn.Module):
             results.append({"instances": inst})
         return results
 
-    def _class_scores(self, pyr, rec, image_sizes, features) -> torch.Tensor:
+    def _class_scores(self, pyr, rec, image_sizes, features):
         """(N, C) score of each final pyramid for each class: the root head's class
         probabilities; with the pooled class head, its class probabilities (of the foreground
         classes, with CLASS_BACKGROUND), times the root objectness (the root's largest class
         probability) with CLASS_SCORE_ROOT; times the predicted mask IoU with SCORE_MODE
-        "maskiou"."""
+        "maskiou". And (REFINE_BOX_REGRESSION) the pooled class head's regressed boxes (N, 4),
+        NaN where it did not run (scores that cannot reach SCORE_THRESH_TEST), else None."""
         mp = self.mp
         scores = pyr.cls_logits.sigmoid()
+        regressed = None
         quality = (
             pyr.iou_logits.sigmoid()
             if mp.SCORE_MODE == "maskiou" and pyr.iou_logits is not None
@@ -1067,14 +1144,19 @@ class MaskPyramid(nn.Module):
             else:
                 run = torch.ones_like(quality, dtype=torch.bool)
             scores = scores.new_zeros(len(pyr), self.num_classes)
+            if self.box_transform is not None:
+                regressed = torch.full((len(pyr), 4), float("nan"), device=scores.device)
             if run.any():
                 sub = pyr[run]
-                boxes, probs = self._mask_boxes(sub, rec.stride, self._sizes(image_sizes))
-                logits, iou_logits = self._pooled_class_logits(
+                sizes = self._sizes(image_sizes)
+                boxes, probs = self._mask_boxes(sub, rec.stride, sizes)
+                logits, iou_logits, deltas = self._pooled_class_logits(
                     features, probs, sub.batch, boxes, rec.stride
                 )
                 scores[run] = logits.softmax(1)[:, : self.num_classes]
+                if deltas is not None:
+                    regressed[run] = self._regressed_boxes(deltas, boxes, sub.batch, sizes)
                 if iou_logits is not None:
                     quality = quality.clone()
                     quality[run] = quality[run] * iou_logits.sigmoid()
-        return scores * quality[:, None]
+        return scores * quality[:, None], regressed

@@ -69,6 +69,13 @@ KNOBS = {
     "nms_fast": mp(NMS="fast"),
     "nms_matrix": mp(NMS="matrix"),
     "nms_masks_output": mp(REFINE_RESOLUTION=8, NMS="matrix", NMS_MASKS="output"),
+    "refine_box_regression": mp(
+        REFINE_RESOLUTION=8,
+        CLASS_HEAD="pooled",
+        CLASS_BACKGROUND=True,
+        CLASS_NEGATIVE_ROOTS=4,
+        REFINE_BOX_REGRESSION=True,
+    ),
     "pool_sampling_2": mp(
         REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=2
     ),
@@ -270,10 +277,10 @@ def test_pooled_class_head_skips_pyramids_below_the_score_threshold(mp_cfg):
         model(data)
         rec = records[0][-1]
         sizes = [(x["image"].shape[1], x["image"].shape[2]) for x in data]
-        every = model._class_scores(rec.pyramids, rec, sizes, features[0])
+        every, _ = model._class_scores(rec.pyramids, rec, sizes, features[0])
         objectness = rec.pyramids.cls_logits.sigmoid().amax(1)
         model.mp.SCORE_THRESH_TEST = float(objectness.median())
-        some = model._class_scores(rec.pyramids, rec, sizes, features[0])
+        some, _ = model._class_scores(rec.pyramids, rec, sizes, features[0])
     above = objectness > model.mp.SCORE_THRESH_TEST
     assert 0 < int(above.sum()) < len(above) and seen[-1] == int(above.sum())
     assert torch.allclose(some[above], every[above], atol=1e-6)
@@ -680,6 +687,8 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(REFINE_RESOLUTION=8, REFINE_FEATURES=["p2", "p4"]), "REFINE_FEATURES"),
         (mp(CLASS_POOL_SAMPLING_RATIO=-1), "CLASS_POOL_SAMPLING_RATIO"),
         (mp(REFINE_SAMPLING_RATIO=-2), "REFINE_SAMPLING_RATIO"),
+        (mp(REFINE_BOX_REGRESSION=True, REFINE_RESOLUTION=0), "REFINE_BOX_REGRESSION"),
+        (mp(REFINE_BOX_REGRESSION=True, CLASS_HEAD="root"), "REFINE_BOX_REGRESSION"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -725,8 +734,8 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features):
-        logits, boxes = refine(pyr, stride, sizes, features)
+    def spy(pyr, stride, sizes, features, regressed=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed)
         seen.append((len(pyr), boxes))
         return logits, boxes
 
@@ -760,9 +769,9 @@ def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_c
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features):
+    def spy(pyr, stride, sizes, features, regressed=None):
         seen.append(pyr)
-        return refine(pyr, stride, sizes, features)
+        return refine(pyr, stride, sizes, features, regressed)
 
     model._refine = spy
     records = _capture_records(model)
@@ -812,8 +821,8 @@ def test_refine_overlapping_pyramids_learn_the_instance_they_overlap(mp_cfg, bes
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features):
-        logits, boxes = refine(pyr, stride, sizes, features)
+    def spy(pyr, stride, sizes, features, regressed=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed)
         seen.append((pyr, logits, boxes))
         return logits, boxes
 
@@ -874,3 +883,131 @@ def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
     assert len(outputs) == 1 and len(priors[0]) and priors[0].abs().max() > 0
     expected = priors[0] + 3.0 if residual else torch.full_like(priors[0], 3.0)
     torch.testing.assert_close(outputs[0], expected)
+
+
+BOX_REGRESSION = mp(
+    REFINE_RESOLUTION=8, CLASS_HEAD="pooled", CLASS_BACKGROUND=True, CLASS_NEGATIVE_ROOTS=4,
+    REFINE_BOX_REGRESSION=True, SCORE_THRESH_TEST=0.0, CLASSES_PER_PYRAMID=1, NMS="none",
+    MIN_KEPT_FRACTION=0.0,
+)  # fmt: skip
+
+
+def _force_deltas(model, deltas):
+    """The class head's box deltas forced to the constant ``deltas`` (4,)."""
+    torch.nn.init.zeros_(model.class_head.bbox_pred.weight)
+    with torch.no_grad():
+        model.class_head.bbox_pred.bias.copy_(torch.tensor(deltas))
+
+
+def test_box_regression_widens_the_refinement_box_to_the_regressed_box(mp_cfg):
+    """REFINE_BOX_REGRESSION: the refinement works on the union of the grown mask box and the
+    class head's regressed box, in training and at inference. Deltas forced to 0 leave the
+    grown mask box; deltas forced to twice the width and height (Box2BoxTransform's weights 5)
+    give the mask box doubled about its centre, clipped to the image."""
+    cfg = mp_cfg(*BOX_REGRESSION)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = _one_batch(cfg)[:1]
+    seen = []
+    refine = model._refine
+
+    def spy(pyr, stride, sizes, features, regressed=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed)
+        mask_boxes, _ = model._mask_boxes(pyr, stride, sizes)
+        seen.append((mask_boxes, boxes, regressed))
+        return logits, boxes
+
+    model._refine = spy
+    for training in (True, False):
+        model.train(training)
+        for deltas in ([0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5 * math.log(2), 5 * math.log(2)]):
+            _force_deltas(model, deltas)
+            seen.clear()
+            with EventStorage(0), torch.set_grad_enabled(training):
+                model(data)
+            ((mask_boxes, boxes, regressed),) = seen
+            assert len(boxes) and torch.isfinite(regressed).all()
+            h, w = data[0]["image"].shape[1:]
+            side = mask_boxes[:, 2:] - mask_boxes[:, :2]
+            grow = side * cfg.MODEL.MASK_PYRAMID.REFINE_BOX_MARGIN + 2.0  # half a p2 cell
+            grown = torch.cat([mask_boxes[:, :2] - grow, mask_boxes[:, 2:] + grow], 1)
+            if deltas[2] == 0:
+                torch.testing.assert_close(regressed, mask_boxes)
+                want = grown
+            else:
+                centre = (mask_boxes[:, :2] + mask_boxes[:, 2:]) / 2
+                doubled = torch.cat([centre - side, centre + side], 1)
+                torch.testing.assert_close(
+                    regressed, doubled.clamp(min=0).minimum(torch.tensor([w, h, w, h]))
+                )
+                want = torch.cat([grown[:, :2].minimum(doubled[:, :2]), grown[:, 2:].maximum(
+                    doubled[:, 2:])], 1)  # fmt: skip
+                assert (want != grown).any()
+            want = want.clamp(min=0).minimum(torch.tensor([w, h, w, h], dtype=want.dtype))
+            torch.testing.assert_close(boxes, want)
+
+
+def test_refine_box_is_the_grown_mask_box_where_nothing_was_regressed(mp_cfg):
+    """A NaN regressed box (a pyramid the class head did not score) leaves the grown mask box."""
+    # every local peak a root and no pruning: several pyramids from the untrained model
+    cfg = mp_cfg(*BOX_REGRESSION, *mp(PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    records = _capture_records(model)
+    data = _one_batch(cfg)[:1]
+    features = []
+    model.backbone.register_forward_hook(lambda m, i, out: features.append(out))
+    with torch.no_grad():
+        model(data)
+        rec = records[0][-1]
+        pyr = rec.pyramids
+        sizes = [tuple(data[0]["image"].shape[1:])]
+        _, plain = model._refine(pyr, rec.stride, sizes, features[0])
+        huge = torch.tensor([[0.0, 0.0, 1e4, 1e4]]).repeat(len(pyr), 1)
+        huge[::2] = float("nan")
+        _, boxes = model._refine(pyr, rec.stride, sizes, features[0], huge)
+    assert len(pyr) >= 2
+    torch.testing.assert_close(boxes[::2], plain[::2])
+    h, w = sizes[0]
+    assert (boxes[1::2] == torch.tensor([0.0, 0.0, w, h])).all()
+
+
+def test_box_regression_loss_is_fast_rcnns_l1_on_close_rows(mp_cfg):
+    """``loss_box_reg``: L1 between the predicted deltas and Box2BoxTransform's deltas from each
+    row's box to its instance's box, summed over the rows of an instance whose box overlaps it
+    with IoU >= BOX_REG_MIN_IOU, divided by all rows; it trains the class head's box layers, not
+    the layers the classes share."""
+    cfg = mp_cfg(*BOX_REGRESSION)
+    model = build_model(cfg)
+    targets = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 8.0, 8.0]])}
+    boxes = torch.tensor(
+        [
+            [10.0, 10.0, 30.0, 30.0],  # the instance's own box: deltas 0
+            [12.0, 10.0, 30.0, 26.0],  # close to instance 0: regressed
+            [40.0, 40.0, 60.0, 60.0],  # far from instance 1 (IoU 0): not regressed
+            [0.0, 0.0, 8.0, 8.0],  # no instance (-1): not regressed
+        ]
+    )
+    instances = torch.tensor([0, 0, 1, -1])
+    deltas = torch.randn(4, 4, requires_grad=True)
+    loss = model._box_reg_loss(deltas, boxes, instances, targets)
+    want = model.box_transform.get_deltas(boxes[:2], targets["boxes"][[0, 0]])
+    expected = (deltas[:2] - want).abs().sum() / 4
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert (deltas.grad[:2] != 0).all() and (deltas.grad[2:] == 0).all()
+    model.mp.BOX_REG_MIN_IOU = 0.0  # every row of an instance
+    loss = model._box_reg_loss(deltas.detach(), boxes, instances, targets)
+    want = model.box_transform.get_deltas(boxes[:3], targets["boxes"][[0, 0, 1]])
+    torch.testing.assert_close(loss, (deltas.detach()[:3] - want).abs().sum() / 4)
+    # through the model: a loss that trains the box output
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with EventStorage(0):
+        losses = model(_one_batch(cfg))
+    assert losses["loss_box_reg"] > 0
+    losses["loss_box_reg"].backward()
+    assert model.class_head.bbox_pred.weight.grad.abs().sum() > 0
+    assert model.class_head.box_fc[0].weight.grad.abs().sum() > 0
+    # its own layer on the class head's convolutions, which it does not train
+    assert all(p.grad is None for p in model.class_head.fc.parameters())
