@@ -184,16 +184,15 @@ def support_boxes(
     extents, nonempty = mask_extents(probs > eps)
     margins = torch.tensor([-margin, -margin, margin, margin], device=probs.device)
     boxes = (extents + margins).to(probs.dtype) * stride
-    boxes = torch.stack(
-        [
-            torch.maximum(boxes[:, 0], limits[:, 0]),
-            torch.maximum(boxes[:, 1], limits[:, 1]),
-            torch.minimum(boxes[:, 2], limits[:, 2]),
-            torch.minimum(boxes[:, 3], limits[:, 3]),
-        ],
-        1,
+    return clip_boxes(boxes, limits), nonempty
+
+
+def clip_boxes(boxes: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """(N, 4) XYXY ``boxes`` clipped to (N, 4) ``limits``, box by box (detectron2's
+    ``Boxes.clip`` takes one image size for all)."""
+    return torch.cat(
+        [torch.maximum(boxes[:, :2], limits[:, :2]), torch.minimum(boxes[:, 2:], limits[:, 2:])], 1
     )
-    return boxes, nonempty
 
 
 def mask_extents(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

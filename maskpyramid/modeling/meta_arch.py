@@ -950,10 +950,7 @@ class MaskPyramid(nn.Module):
         """The class head's boxes (K, 4): ``deltas`` applied to ``boxes``, clipped to the
         images."""
         out = self.box_transform.apply_deltas(deltas, boxes)
-        limits = G.image_boxes(sizes, batch)
-        return torch.cat(
-            [torch.maximum(out[:, :2], limits[:, :2]), torch.minimum(out[:, 2:], limits[:, 2:])], 1
-        )
+        return G.clip_boxes(out, G.image_boxes(sizes, batch))
 
     def _negative_labels(self, overlaps, neg, targets):
         """Class labels of the pyramids ``neg`` (rooted on no instance, CLASS_NEGATIVE_ROOTS):
@@ -1013,9 +1010,7 @@ class MaskPyramid(nn.Module):
             known = torch.isfinite(regressed).all(1, keepdim=True)
             low = torch.where(known, torch.minimum(low, regressed[:, :2]), low)
             high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
-        boxes = torch.cat(
-            [torch.maximum(low, limits[:, :2]), torch.minimum(high, limits[:, 2:])], 1
-        )
+        boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
         idx = torch.arange(len(pyr), device=boxes.device, dtype=boxes.dtype)
         rois = torch.cat([idx[:, None], boxes], 1)
         pooled_probs = ROIAlign((r // 2, r // 2), 1.0 / stride, 0, aligned=True)(
