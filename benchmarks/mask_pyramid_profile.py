@@ -5,11 +5,13 @@ Forward hooks time the backbone (ResNet + FPN), the dense score head, each level
 (split into the per-image part, the tower and first conv run once per image on the whole level,
 and the per-pyramid part, the convs on the pyramids' windows) and the pooled class head; "other"
 is the rest of the forward pass (windows pooled and pasted back, pruning, painting, outputs).
-Also prints the mean number of pyramids alive after each level.
+Also prints the mean number of pyramids alive after each level. On CUDA (``--device cuda``) each
+part waits for the GPU's work before and after it. ``--ops N`` also prints torch.profiler's N
+operators of most CPU time (on a GPU, launch overhead and synchronisations show up there).
 
 Usage:
   python benchmarks/mask_pyramid_profile.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
-      output/mp_long/model_final.pth [--images 50] [--dataset shapes_val]
+      output/mp_long/model_final.pth [--images 50] [--dataset shapes_val] [--device cuda] [--ops 25]
 """
 
 import os
@@ -47,18 +49,24 @@ def parts(model):
 
 
 def main():
-    args, cfg, model = load_mask_pyramid(__doc__, 50)
+    args, cfg, model = load_mask_pyramid(
+        __doc__, 50, [("--ops", dict(type=int, default=0, help="profiler rows to print"))]
+    )
+    cuda = cfg.MODEL.DEVICE.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     spent = defaultdict(float)
     starts = {}
 
     def pre(label):
         def hook(module, inputs):
+            sync()
             starts[id(module)] = time.perf_counter()
 
         return hook
 
     def post(label):
         def hook(module, inputs, output):
+            sync()
             spent[label] += time.perf_counter() - starts.pop(id(module))
 
         return hook
@@ -79,19 +87,29 @@ def main():
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
     total, n = 0.0, 0
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities) if args.ops else None
     with torch.no_grad():
         for i, inputs in enumerate(loader):
             if i == 2:  # two warm-up images
                 spent.clear()
                 alive.clear()
+                if profiler is not None:
+                    profiler.start()
             if i >= args.images + 2:
                 break
+            sync()
             start = time.perf_counter()
             model(inputs)
+            sync()
             if i >= 2:
                 total += time.perf_counter() - start
                 n += 1
-    print(f"{n} images of {dataset}, torch threads {torch.get_num_threads()}, batch 1")
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if cuda else f"CPU, torch threads {threads}"
+    print(f"{n} images of {dataset}, {where}, batch 1")
     print("| part | ms / image | share |")
     print("|---|---|---|")
     for label, s in list(spent.items()) + [("other", total - sum(spent.values()))]:
@@ -100,6 +118,9 @@ def main():
     print("pyramids alive after each level (mean per image): " + ", ".join(
         f"{k} {sum(v) / len(v):.1f}" for k, v in alive.items()
     ))  # fmt: skip
+    if profiler is not None:
+        profiler.stop()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def main():
     print(f"segm AP on {dataset} under each scoring (the outputs themselves unchanged)")
     print("| model | scoring | " + " | ".join(STATS) + " |")
     print("|---|---|" + "---|" * len(STATS))
-    for (cfg, model), (c, _) in zip(models, args.model):
+    for (cfg, model), (c, *_) in zip(models, args.model):
         n, rows = run_model(cfg, model, dataset, args.images, gt)
         name = f"{cfg.MODEL.META_ARCHITECTURE} ({c}, {n} images)"
         for scoring, row in zip(SCORINGS, rows):
