@@ -58,6 +58,9 @@ class Pyramids:
         return self.batch.shape[0]
 
     def __getitem__(self, idx) -> "Pyramids":
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+            # One nonzero for all fields: each boolean index is a host synchronisation on a GPU.
+            idx = idx.nonzero().squeeze(1)
         return Pyramids(
             **{
                 f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
@@ -254,10 +257,11 @@ def topk_survivors(
     padded = probs.new_full((num_images, n_max) + tuple(probs.shape[1:]), -1.0)
     padded[batch, slot] = torch.where(probs >= low, probs, torch.full_like(probs, -1.0))
     values, index = padded.topk(min(k, n_max), dim=1)
-    won = values >= low
-    hit = torch.zeros(num_images, n_max, dtype=torch.bool, device=probs.device)
-    images = torch.arange(num_images, device=probs.device).view(-1, 1, 1, 1).expand_as(index)
-    hit[images[won], index[won]] = True
+    # slots that win a pixel; the losers' entries go to a spare column (no boolean index: on a
+    # GPU each one waits for the device)
+    index = torch.where(values >= low, index, n_max).view(num_images, -1)
+    hit = torch.zeros(num_images, n_max + 1, dtype=torch.bool, device=probs.device)
+    hit.scatter_(1, index, True)
     return hit[batch, slot]
 
 

@@ -528,7 +528,7 @@ class MaskPyramid(nn.Module):
         Hr, Wr = cls_map.shape[-2:]
         root_stride = self.strides[lvl]
         score_map = cls_map.detach().sigmoid().amax(1)  # (B, Hr, Wr)
-        root_valid = G.valid_cells(sizes.tolist(), root_stride, Hr, Wr, f.device)
+        root_valid = G.valid_cells(sizes, root_stride, Hr, Wr, f.device)
         positives = targets["positives"][lvl] if targets is not None else None
         start_grid = lvl == 0 and len(mp.START_GRID) == 2
         if start_grid:
@@ -568,7 +568,7 @@ class MaskPyramid(nn.Module):
         # caps before any head runs: positives first, then score; pseudo pyramids apart
         priority = scores + 2.0 * pos_flag.float()
         caps = torch.where(pseudo, mp.MAX_PSEUDO, mp.MAX_PYRAMIDS)
-        keep = G.rank_within_group(b * 2 + pseudo.long(), priority) < caps
+        keep = (G.rank_within_group(b * 2 + pseudo.long(), priority) < caps).nonzero().squeeze(1)
         b, i, j, target, scores, pseudo = (
             b[keep],
             i[keep],

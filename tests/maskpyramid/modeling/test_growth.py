@@ -105,3 +105,39 @@ def test_pyramids_index_and_cat():
     )  # fmt: skip
     q = G.Pyramids.cat([p[torch.tensor([True, False, True])], p[1:2]])
     assert q.batch.tolist() == [0, 2, 1] and q.hidden is None and len(q) == 3
+
+
+def test_pyramids_boolean_index_is_one_synchronisation():
+    """A boolean index selects the same pyramids as their indices, with one nonzero for all fields
+    (each boolean index of a CUDA tensor waits for the GPU)."""
+    from torch.overrides import TorchFunctionMode
+
+    n = 4
+    p = G.Pyramids(
+        batch=torch.arange(n), roots=torch.randn(n, 2), root_level=torch.zeros(n, dtype=torch.long),
+        root_stride=torch.ones(n), logits=torch.randn(n, 2, 2), cls_logits=torch.randn(n, 4),
+        scores=torch.rand(n), classes=torch.zeros(n, dtype=torch.long),
+        target=torch.full((n,), -1), pseudo=torch.zeros(n, dtype=torch.bool),
+        territory=torch.rand(n, 2, 2) > 0.5, iou_logits=torch.randn(n),
+    )  # fmt: skip
+    keep = torch.tensor([True, False, True, True])
+    calls = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            index = args[1] if len(args) > 1 else None
+            if func.__name__ == "nonzero" or (
+                func.__name__ == "__getitem__"
+                and isinstance(index, torch.Tensor)
+                and index.dtype == torch.bool
+            ):
+                calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        q = p[keep]
+    assert calls == ["nonzero"]
+    r = p[torch.tensor([0, 2, 3])]
+    for f in ("batch", "roots", "logits", "cls_logits", "territory", "iou_logits", "pseudo"):
+        assert torch.equal(getattr(q, f), getattr(r, f)), f
+    assert q.hidden is None and len(p[torch.zeros(n, dtype=torch.bool)]) == 0
