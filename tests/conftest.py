@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny `shapes` dataset and configs of the real models sized for tests."""
 
 import os
+import random
 
+import numpy as np
 import pytest
+import torch
 
 import maskpyramid  # noqa: F401  (registers datasets)
 import scratch_mask_rcnn
@@ -13,6 +16,16 @@ NUM_CLASSES_KEYS.update(scratch_mask_rcnn.NUM_CLASSES_KEYS)  # as train_net.py d
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPEC = ShapesSpec(height=64, width=64, min_radius=4.0, max_radius=30.0, max_instances=5)
 TINY_SPLITS = {"tiny_shapes_train": ("tiny_train", 16), "tiny_shapes_val": ("tiny_val", 6)}
+
+
+@pytest.fixture(autouse=True)
+def same_random_state():
+    """Every test starts from the same random state, whatever ran before it: detectron2's
+    TrainingSampler draws its shuffling seed from NumPy's global generator, so a test's batches
+    would otherwise depend on the tests that ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

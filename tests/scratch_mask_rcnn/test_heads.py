@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.layers import paste_masks_in_image
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
@@ -110,6 +111,26 @@ def _gt_masks(g, n=5, h=90, w=100):
         masks[i, y0 : y0 + 30, x0 : x0 + 40] = True
         masks[i, y0 + 10 : y0 + 15, x0 + 5 : x0 + 12] = False  # a hole
     return BitMasks(masks)
+
+
+def test_mask_targets_fall_as_detectron2s_at_ties():
+    """Boxes on whole and half pixels put samples exactly between mask pixels: torchvision pools
+    exactly 0.5 there (foreground), which the bag sum can miss by an ulp; the targets agree with
+    ``BitMasks.crop_and_resize`` everywhere."""
+    from scratch_mask_rcnn.roi_align import roi_align
+
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(6, 1, 32, 32, generator=g) > 0.5
+    gt = BitMasks(F.interpolate(coarse.float(), size=(256, 256), mode="nearest")[:, 0] > 0)
+    xy = torch.rand(800, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(800, 2, generator=g) * 150 + 2], 1)
+    boxes = (boxes * 2).round() / 2
+    index = torch.randint(0, 6, (800,), generator=g)
+    ref = gt[index].crop_and_resize(boxes, 28)
+    rois = torch.cat([index.float()[:, None], boxes], 1)
+    bag_sums = roi_align(gt.tensor[:, None].float(), rois, 28, 1.0, 0, True)[:, 0] >= 0.5
+    assert (bag_sums != ref).sum() > 0  # the case this guards against occurs here
+    assert torch.equal(mask_targets(gt, index, boxes, 28), ref)
 
 
 def test_mask_targets_and_loss_equal_detectron2():

@@ -14,7 +14,7 @@ from detectron2.modeling import poolers as d2_poolers
 from detectron2.structures import Boxes
 
 from scratch_mask_rcnn.poolers import ROIPooler, assign_boxes_to_levels
-from scratch_mask_rcnn.roi_align import ROIAlign, bilinear_bags, roi_align
+from scratch_mask_rcnn.roi_align import ROIAlign, bilinear_bags, roi_align, roi_align_bins_exact
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
@@ -71,6 +71,32 @@ def test_roi_align_matches_torchvision(dtype, aligned, sampling_ratio):
         x = torch.randn(2, 3, 13, 17, dtype=dtype, generator=gen, requires_grad=True)
         rois = torch.cat([_special_rois(dtype, scale), _random_rois(24, 2, scale, dtype, gen)])
         _check(x, rois, output_size, scale, sampling_ratio, aligned, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_exact_bins_are_torchvisions_bit_for_bit(dtype, aligned, sampling_ratio):
+    """Every bin, recomputed in torchvision's order, equals its kernel exactly (on CPU), also
+    for RoIs outside the map, empty or negative; a subset of bins comes back in its order."""
+    gen = torch.Generator().manual_seed(1)
+    for scale, output_size in [(1.0, (7, 7)), (0.25, (14, 14)), (0.5, (3, 5))]:
+        x = torch.randn(2, 3, 13, 17, dtype=dtype, generator=gen)
+        rois = torch.cat([_special_rois(dtype, scale), _random_rois(24, 2, scale, dtype, gen)])
+        ph, pw = output_size
+        ref = torchvision.ops.roi_align(x, rois, output_size, scale, sampling_ratio, aligned)
+        bins = [t.reshape(-1) for t in torch.meshgrid(
+            torch.arange(len(rois)), torch.arange(ph), torch.arange(pw), indexing="ij"
+        )]  # fmt: skip
+        got = roi_align_bins_exact(x, rois, bins, output_size, scale, sampling_ratio, aligned)
+        assert got.dtype == dtype
+        assert torch.equal(got, ref.permute(0, 2, 3, 1).reshape(-1, 3))
+        some = torch.randperm(len(bins[0]), generator=gen)[:10]
+        picked = [b[some] for b in bins]
+        sub = roi_align_bins_exact(x, rois, picked, output_size, scale, sampling_ratio, aligned)
+        assert torch.equal(sub, ref[picked[0], :, picked[1], picked[2]])
+    empty = [torch.zeros(0, dtype=torch.long)] * 3
+    assert roi_align_bins_exact(x, rois, empty, output_size, scale).shape == (0, 3)
 
 
 def test_roi_align_boundaries_and_large_rois():

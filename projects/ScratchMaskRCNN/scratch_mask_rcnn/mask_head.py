@@ -9,9 +9,13 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .layers import ConvNormAct, msra_fill
-from .roi_align import roi_align
+from .roi_align import roi_align, roi_align_bins_exact
 
 __all__ = ["MaskHead", "mask_targets", "mask_loss", "mask_inference", "paste_masks"]
+
+# Pooled target values this close to the 0.5 threshold are recomputed in torchvision's order
+# (roi_align's bag sums differ from it by at most a few float32 ulps, about 5e-7).
+TIE_MARGIN = 1e-5
 
 
 class MaskHead(nn.Module):
@@ -48,14 +52,21 @@ def mask_targets(gt_masks, gt_index: torch.Tensor, boxes: torch.Tensor, size: in
 
     Bit masks are cropped with our RoIAlign (aligned, adaptive sampling, thresholded at 0.5: the
     targets of detectron2's ``BitMasks.crop_and_resize``) straight from the image's mask stack, one
-    call for all RoIs; polygons are rasterised in the box by detectron2's ``PolygonMasks``.
+    call for all RoIs; the values within ``TIE_MARGIN`` of 0.5 are recomputed in torchvision's
+    order, so that ties fall as in detectron2. Polygons are rasterised in the box by detectron2's
+    ``PolygonMasks``.
     """
     if isinstance(gt_masks, PolygonMasks):
         return gt_masks[gt_index].crop_and_resize(boxes, size).to(boxes.device)
     masks = gt_masks.tensor if isinstance(gt_masks, BitMasks) else gt_masks
     rois = torch.cat([gt_index.to(boxes.dtype)[:, None], boxes], dim=1)
-    crops = roi_align(masks[:, None].to(torch.float32), rois.float(), (size, size), 1.0, 0, True)
-    return crops[:, 0] >= 0.5
+    masks, rois = masks[:, None].to(torch.float32), rois.float()
+    crops = roi_align(masks, rois, (size, size), 1.0, 0, True)[:, 0]
+    near = ((crops - 0.5).abs() <= TIE_MARGIN).nonzero(as_tuple=True)
+    if near[0].numel():
+        # ties: torchvision gives exactly 0.5 (foreground), a bag sum may give 0.49999997
+        crops[near] = roi_align_bins_exact(masks, rois, near, size, 1.0, 0, True)[:, 0]
+    return crops >= 0.5
 
 
 def mask_loss(logits: torch.Tensor, items: List[Tuple], cls_agnostic: bool):

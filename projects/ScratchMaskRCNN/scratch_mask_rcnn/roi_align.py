@@ -56,7 +56,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MAX_GRID", "Bags", "bilinear_bags", "pool_bags", "roi_align", "ROIAlign"]
+__all__ = [
+    "MAX_GRID",
+    "Bags",
+    "bilinear_bags",
+    "pool_bags",
+    "roi_align",
+    "roi_align_bins_exact",
+    "ROIAlign",
+]
 
 # Largest number of samples per RoI along one axis; RoIs needing more pool to zeros.
 MAX_GRID = 2**24
@@ -483,6 +491,89 @@ def roi_align(
         valid,
     )
     return pool_bags(channels_last_table([input]), bags, R, output_size)
+
+
+def roi_align_bins_exact(
+    input: Tensor,
+    rois: Tensor,
+    bins: Tuple[Tensor, Tensor, Tensor],
+    output_size: OutputSize,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """``(K, C)`` values of the output bins ``bins = (roi, ph, pw)`` (each ``(K,)`` long) of
+    :func:`roi_align`, with torchvision's arithmetic in its order: per sample, the four taps'
+    weighted sum; samples accumulated row by row in float32; then divided by their count.
+
+    :func:`roi_align` sums the same terms in another order (one weighted bag per bin), which can
+    differ from torchvision by a few float32 ulps. That matters only where a value is compared
+    with a threshold, as mask targets are with 0.5 (at a tie, torchvision gives exactly 0.5 and
+    the bag sum may give 0.49999997), so only the few bins near the threshold are recomputed
+    here. On CPU it is bit-exact with torchvision's kernel. The loop is over sample slots of a
+    bin (at most the largest grid of the selected RoIs), vectorised over the bins. Not
+    differentiated (targets only).
+    """
+    PH, PW = _pair(output_size)
+    r, ph, pw = bins
+    K = r.shape[0]
+    N, C, H, W = input.shape
+    if K == 0:
+        return input.new_zeros((0, C))
+    f = coord_dtype(rois.dtype)
+    roi = rois.detach().to(f)[r]
+    offset = 0.5 if aligned else 0.0
+    x1 = roi[:, 1] * spatial_scale - offset
+    y1 = roi[:, 2] * spatial_scale - offset
+    roi_w = roi[:, 3] * spatial_scale - offset - x1
+    roi_h = roi[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / PW, roi_h / PH
+    if sampling_ratio > 0:
+        grid_y = torch.full_like(roi_h, float(sampling_ratio))
+        grid_x = grid_y
+    else:
+        grid_y, grid_x = torch.ceil(roi_h / PH), torch.ceil(roi_w / PW)
+    batch = roi[:, 0]
+    ok = torch.isfinite(torch.stack([x1, y1, roi_w, roi_h, batch])).all(0)
+    ok &= (batch >= 0) & (batch < N) & (grid_y <= MAX_GRID) & (grid_x <= MAX_GRID)
+    zero = torch.zeros((), dtype=f, device=roi.device)
+    grid_y, grid_x = torch.where(ok, grid_y, zero), torch.where(ok, grid_x, zero)
+    batch = torch.where(ok, batch, zero).long()
+    count = (grid_y * grid_x).clamp(min=1.0)
+    row = y1 + ph.to(f) * bin_h  # roi_start + ph * bin_size, as torchvision adds it
+    col = x1 + pw.to(f) * bin_w
+    values = input.detach().to(f)
+    acc = torch.zeros((K, C), dtype=f, device=roi.device)
+    max_y, max_x = (int(v) for v in torch.stack([grid_y.max(), grid_x.max()]).tolist())
+
+    def taps(t: Tensor, size: int):
+        t = t.clamp(min=0)
+        low = t.floor().long()
+        top = low >= size - 1
+        low = torch.where(top, size - 1, low)
+        high = torch.where(top, size - 1, low + 1)
+        t = torch.where(top, low.to(f), t)
+        frac = t - low.to(f)
+        return low, high, frac, 1.0 - frac
+
+    for iy in range(max_y):
+        y = row + (iy + 0.5) * bin_h / grid_y
+        in_y = (iy < grid_y) & (y >= -1.0) & (y <= H)  # False for NaN (grids of 0 samples)
+        y_low, y_high, ly, hy = taps(torch.where(in_y, y, zero), H)
+        for ix in range(max_x):
+            x = col + (ix + 0.5) * bin_w / grid_x
+            live = in_y & (ix < grid_x) & (x >= -1.0) & (x <= W)
+            x_low, x_high, lx, hx = taps(torch.where(live, x, zero), W)
+            val = (
+                (hy * hx)[:, None] * values[batch, :, y_low, x_low]
+                + (hy * lx)[:, None] * values[batch, :, y_low, x_high]
+                + (ly * hx)[:, None] * values[batch, :, y_high, x_low]
+                + (ly * lx)[:, None] * values[batch, :, y_high, x_high]
+            )
+            acc = acc + torch.where(live[:, None], val, torch.zeros_like(val))
+    return (acc / count[:, None]).to(input.dtype)
 
 
 class ROIAlign(nn.Module):
