@@ -47,12 +47,16 @@ def test_two_machines_of_one_process_equal_one_process(one_process, tiny_shapes,
     port = _find_free_port()
     url = f"tcp://127.0.0.1:{port}"
     cmd = [sys.executable, SCRIPT, "1", tiny_shapes, str(tmp_path), "2", "1", url]
-    machine1 = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        two = _train(1, tiny_shapes, tmp_path, "2", "0", url)
-        assert machine1.wait(timeout=120) == 0, machine1.stderr.read()[-3000:]
-    finally:
-        machine1.kill()
+    # machine 1's stderr goes to a file (about 2 KB): an unread pipe could block it if it ever
+    # wrote more than the pipe holds, and the file keeps the whole log for a failure message
+    log = tmp_path / "machine1.stderr"
+    with open(log, "w") as stderr:
+        machine1 = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            two = _train(1, tiny_shapes, tmp_path, "2", "0", url)
+            assert machine1.wait(timeout=120) == 0, log.read_text()[-3000:]
+        finally:
+            machine1.kill()
     _assert_same_weights(one_process, two)
 
 
