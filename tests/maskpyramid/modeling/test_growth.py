@@ -94,15 +94,20 @@ def test_valid_cells_cover_images_smaller_than_a_cell():
     assert v.tolist() == [[[True, True]]]
 
 
-def test_pyramids_index_and_cat():
-    n = 3
-    p = G.Pyramids(
-        batch=torch.arange(n), roots=torch.zeros(n, 2), root_level=torch.zeros(n, dtype=torch.long),
+def _pyramids(n, **fields):
+    """A set of ``n`` pyramids on a 2x2 grid, random where it matters."""
+    defaults = dict(
+        batch=torch.arange(n), roots=torch.randn(n, 2), root_level=torch.zeros(n, dtype=torch.long),
         root_stride=torch.ones(n), logits=torch.randn(n, 2, 2), cls_logits=torch.randn(n, 4),
         scores=torch.rand(n), classes=torch.zeros(n, dtype=torch.long),
         target=torch.full((n,), -1), pseudo=torch.zeros(n, dtype=torch.bool),
-        territory=torch.zeros(n, 2, 2, dtype=torch.bool),
+        territory=torch.rand(n, 2, 2) > 0.5,
     )  # fmt: skip
+    return G.Pyramids(**{**defaults, **fields})
+
+
+def test_pyramids_index_and_cat():
+    p = _pyramids(3)
     q = G.Pyramids.cat([p[torch.tensor([True, False, True])], p[1:2]])
     assert q.batch.tolist() == [0, 2, 1] and q.hidden is None and len(q) == 3
 
@@ -113,13 +118,7 @@ def test_pyramids_boolean_index_is_one_synchronisation():
     from torch.overrides import TorchFunctionMode
 
     n = 4
-    p = G.Pyramids(
-        batch=torch.arange(n), roots=torch.randn(n, 2), root_level=torch.zeros(n, dtype=torch.long),
-        root_stride=torch.ones(n), logits=torch.randn(n, 2, 2), cls_logits=torch.randn(n, 4),
-        scores=torch.rand(n), classes=torch.zeros(n, dtype=torch.long),
-        target=torch.full((n,), -1), pseudo=torch.zeros(n, dtype=torch.bool),
-        territory=torch.rand(n, 2, 2) > 0.5, iou_logits=torch.randn(n),
-    )  # fmt: skip
+    p = _pyramids(n, iou_logits=torch.randn(n))
     keep = torch.tensor([True, False, True, True])
     calls = []
 
