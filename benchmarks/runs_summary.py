@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Several training runs of each model (seeds, machines) summed up from their ``metrics.json``.
+
+A MaskPyramid run on ``shapes`` moves by several AP from one seed to the next, so configs are
+compared over several runs. For each run directory (a ``train_net.py`` OUTPUT_DIR whose training
+ended with an evaluation) this prints the final COCO metrics, the mean total loss over the last
+100 iterations (how far training came down) and the median s/iter; then, per group, the mean and
+the sample standard deviation over its runs.
+
+Usage:
+  python benchmarks/runs_summary.py \
+      --runs "Mask R-CNN" output/rcnn_seed1 output/rcnn_seed2 \
+      --runs MaskPyramid output/mp_seed1 output/mp_seed2 [--task segm]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def read_run(run_dir: str, task: str, last: int = 100):
+    """(metrics dict, final loss, median s/iter) of one run; exits naming the file at fault."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        sys.exit(f"{path}: no such file (is {run_dir} a train_net.py OUTPUT_DIR?)")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                sys.exit(f"{path}:{n}: not JSON ({e})")
+    evals = [r for r in rows if f"{task}/AP" in r]
+    if not evals:
+        sys.exit(f"{path}: no {task} evaluation (did the training end with one?)")
+    result = {m: evals[-1][f"{task}/{m}"] for m in METRICS}
+    result["bbox AP"] = evals[-1].get("bbox/AP", float("nan"))
+    train = [r for r in rows if "total_loss" in r]
+    final = [r["total_loss"] for r in train if r["iteration"] > train[-1]["iteration"] - last]
+    times = [r["time"] for r in train if "time" in r]
+    loss = statistics.mean(final) if final else float("nan")
+    return result, loss, statistics.median(times) if times else float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs", nargs="+", action="append", required=True, metavar="LABEL RUN_DIR",
+        help="a label and its run directories",
+    )  # fmt: skip
+    parser.add_argument("--task", default="segm", choices=("segm", "bbox"))
+    args = parser.parse_args()
+    for label, *dirs in args.runs:
+        if not dirs:
+            parser.error(f"--runs {label}: needs at least one run directory")
+    cols = list(METRICS) + ["bbox AP"]
+    print(f"| model | run | {' | '.join(f'{args.task} {c}' if c in METRICS else c for c in cols)}"
+          " | final loss | s/iter |")  # fmt: skip
+    print("|---" * (len(cols) + 4) + "|")
+    for label, *dirs in args.runs:
+        results = []
+        for d in dirs:
+            metrics, loss, sec = read_run(d, args.task)
+            results.append(metrics)
+            values = " | ".join(f"{metrics[c]:.1f}" for c in cols)
+            print(f"| {label} | {d} | {values} | {loss:.3f} | {sec:.3f} |")
+        if len(results) > 1:
+            stats = []
+            for c in cols:
+                xs = [r[c] for r in results]
+                stats.append(f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}")
+            print(f"| **{label}, mean ± sd of {len(results)}** | | {' | '.join(stats)} | | |")
+
+
+if __name__ == "__main__":
+    main()
