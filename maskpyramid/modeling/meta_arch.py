@@ -915,16 +915,15 @@ class MaskPyramid(nn.Module):
         logits, iou_logits, deltas = self._pooled_class_logits(
             features, torch.cat(probs), torch.cat(batch), boxes, rec.stride
         )
+        n_gt = len(targets["classes"])  # the ground-truth masks come first
         if self.box_transform is not None:
             out["loss_box_reg"] = self._box_reg_loss(deltas, boxes, torch.cat(instances), targets)
-            n_gt = len(targets["classes"])
             if rows:
                 rows = torch.cat(rows)
                 refine_boxes[rows] = self._regressed_boxes(
                     deltas[n_gt:].detach(), boxes[n_gt:], pyr.batch[rows], sizes
                 )
         out["loss_cls_pooled"] = self.mp.POOLED_CLASS_LOSS_WEIGHT * F.cross_entropy(logits, labels)
-        n_gt = len(targets["classes"])  # the ground-truth masks come first
         if self.pooled_maskiou and len(labels) > n_gt:
             out["loss_maskiou"] = self.mp.MASKIOU_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
                 iou_logits[n_gt:], torch.cat(iou_targets)
