@@ -58,6 +58,10 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # mass that does is always a candidate). Off, 32% of the p6 positives of shapes sat on another
     # object, and their masks had IoU 0.22 with the instance (0.51 for those on it)
     mp.CENTER_IN_MASK = True
+    # with CENTER_IN_MASK: "on the instance" counts its holes too (the inside of its outer
+    # contours) where no other instance is visible: a ring's roots may sit in its hole, at its
+    # centre, rather than on its band beside it
+    mp.CENTER_FILL_HOLES = False
     mp.ATSS_TOPK = 9
     # "atss" only: side of the virtual square a cell is compared with, in cells of its level
     mp.ATSS_SCALE = 4.0

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode
@@ -22,6 +24,7 @@ __all__ = [
     "feature_strides",
     "resample_masks",
     "cell_centre_masks",
+    "root_regions",
     "assign_positives",
     "prepare_pyramid_targets",
 ]
@@ -55,6 +58,7 @@ class TargetParams:
     atss_scale: float = 4.0
     one_positive: bool = False
     center_in_mask: bool = True
+    center_fill_holes: bool = False
     readout_strides: tuple = ()  # READOUT_FEATURES: mask targets only, no roots
 
     @classmethod
@@ -87,6 +91,7 @@ class TargetParams:
             atss_scale=float(mp.ATSS_SCALE),
             one_positive=bool(mp.ONE_POSITIVE_PER_LEVEL),
             center_in_mask=bool(mp.CENTER_IN_MASK),
+            center_fill_holes=bool(mp.CENTER_FILL_HOLES),
             readout_strides=tuple(readout),
         )
 
@@ -135,6 +140,23 @@ def cell_centre_masks(masks: torch.Tensor, strides: Sequence[int]) -> List[torch
         xs = ((torch.arange(math.ceil(w / s)) + 0.5) * s).long().clamp(max=w - 1)
         out.append(masks[:, ys][:, :, xs].bool())
     return out
+
+
+def root_regions(masks: torch.Tensor) -> torch.Tensor:
+    """Where (N, H, W) bool masks may hold their roots with CENTER_FILL_HOLES: each mask with its
+    holes filled (the inside of its outer contours: a ring's hole belongs to the ring), less the
+    pixels of every other instance (an object seen through the hole keeps its own)."""
+    n = masks.shape[0]
+    if n == 0:
+        return masks.clone()
+    filled = np.zeros(tuple(masks.shape), dtype=np.uint8)
+    # one C++ contour fill per ground-truth instance, once per image in the data loader
+    for i, m in enumerate(masks.numpy().astype(np.uint8)):
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(filled[i], contours, -1, 1, thickness=cv2.FILLED)
+    count = masks.sum(0, dtype=torch.int32)
+    others = (count[None] - masks.int()) > 0
+    return (torch.from_numpy(filled).bool() | masks) & ~others
 
 
 def assign_positives(
@@ -276,7 +298,10 @@ def prepare_pyramid_targets(instances: Instances, params: TargetParams) -> Dict:
     cx = (masks.sum(1).float() * xs).sum(1) / safe
     cy = (masks.sum(2).float() * ys).sum(1) / safe
     centres = torch.stack([cx, cy], 1)
-    inside = cell_centre_masks(masks, params.strides) if params.center_in_mask else None
+    inside = None
+    if params.center_in_mask:
+        regions = root_regions(masks) if params.center_fill_holes else masks
+        inside = cell_centre_masks(regions, params.strides)
     positives = assign_positives(level_masks, boxes, centres, areas, params, inside)
     levels = torch.full((n,), -1, dtype=torch.long)
     for lvl in reversed(range(len(positives))):

@@ -93,6 +93,7 @@ KNOBS = {
     "assign_mask": mp(ASSIGN_MODE="mask"),
     "assign_atss": mp(ASSIGN_MODE="atss"),
     "center_anywhere_in_box": mp(CENTER_IN_MASK=False),
+    "center_fill_holes": mp(CENTER_FILL_HOLES=True),
     "one_positive": mp(ONE_POSITIVE_PER_LEVEL=True),
     "sem_seg": mp(SEM_SEG_LOSS_WEIGHT=1.0),
     "position_multiply": mp(POSITION_MODE="multiply"),

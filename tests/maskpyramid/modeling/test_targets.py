@@ -140,3 +140,32 @@ def test_a_ring_is_rooted_on_the_ring_not_in_its_hole():
     pos_off = prepare_pyramid_targets(_instances([ring]), off)["positives"][0]
     i, j = (pos_off == 0).nonzero(as_tuple=True)
     assert not ring[i * 8 + 4, j * 8 + 4].any()  # without it: the cells around the hole's centre
+
+
+def test_with_fill_holes_a_ring_is_rooted_at_its_centre_but_not_on_what_its_hole_shows():
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    r = ((yy - 32) ** 2 + (xx - 32) ** 2).sqrt()
+    ring = (r >= 18) & (r < 26)
+    params = TargetParams(
+        strides=(8,), size_ranges=((0, math.inf),), center_radius=1.5, center_fill_holes=True
+    )
+    pos = prepare_pyramid_targets(_instances([ring]), params)["positives"][0]
+    assert pos[3:5, 3:5].eq(0).all()  # the four cells around the centre (32, 32), in the hole
+    assert not ring[32, 32]
+    # a small square seen through the hole, behind the ring: its cells stay its own
+    seen = _rect(26, 38, 26, 38) & ~ring
+    pos = prepare_pyramid_targets(_instances([ring, seen]), params)["positives"][0]
+    i, j = (pos == 0).nonzero(as_tuple=True)
+    assert len(i) >= 1 and not seen[i * 8 + 4, j * 8 + 4].any()
+    assert (pos == 1).any()
+
+
+def test_root_regions_fill_holes_less_the_other_instances():
+    from maskpyramid.modeling.targets import root_regions
+
+    frame = _rect(8, 40, 8, 40) & ~_rect(16, 32, 16, 32)
+    inner = _rect(20, 28, 20, 28)
+    regions = root_regions(torch.stack([frame, inner]))
+    assert regions[0].sum() == 32 * 32 - 8 * 8 and not (regions[0] & inner).any()
+    assert torch.equal(regions[1], inner)
+    assert root_regions(torch.zeros(0, 64, 64, dtype=torch.bool)).shape == (0, 64, 64)
