@@ -11,6 +11,11 @@ On the test set's images, with their ground truth (the training mapper, without 
    the best IoU of any final pyramid of the free-running model (no teacher forcing): what the
    masks allow; and the best IoU of an output of the right class (what the scores, classes,
    painting and thresholds keep of it).
+4. **Funnel per class**: the share of instances that still have a mask with IoU >= 0.5 after
+   each stage of inference: a final pyramid's mask on the last grid; its refined mask
+   (REFINE_RESOLUTION; every pyramid read out); that pyramid's best score above
+   SCORE_THRESH_TEST; the model's outputs (after NMS and DETECTIONS_PER_IMAGE), of any class;
+   of the instance's class.
 
 Usage:
   python benchmarks/mask_pyramid_quality.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
@@ -23,7 +28,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models_side_by_side import load_mask_pyramid  # noqa: E402
@@ -70,10 +75,25 @@ def image_stats(model, x, stats):
     rec = model.grow(feats, cls_maps, iou_maps, sizes, len(feats))[-1]
     masks = model.inference(rec, batched, sizes, features)[0]["instances"]
     pyr = logits_to_image(rec.pyramids.logits, rec.stride, (h, w), tuple(sizes[0])) > 0
-    best_any = mask_iou_matrix(full, pyr).amax(1) if len(pyr) else full.new_zeros(len(full)).float()
+    grid_iou = mask_iou_matrix(full, pyr)
+    best_any = grid_iou.amax(1) if len(pyr) else full.new_zeros(len(full)).float()
     out_iou = mask_iou_matrix(full, masks.pred_masks.to(full.device))
-    same = x["instances"].gt_classes[:, None].to(out_iou.device) == masks.pred_classes[None]
+    gt_classes = x["instances"].gt_classes.to(out_iou.device)
+    same = gt_classes[:, None] == masks.pred_classes[None]
     best_out = (out_iou * same).amax(1) if len(masks) else torch.zeros_like(best_any)
+    funnel = [best_any >= 0.5]
+    if model.refine_head is not None and len(pyr):
+        scores, regressed = model._class_scores(rec.pyramids, rec, sizes, features)
+        every = torch.arange(len(pyr), device=pyr.device)
+        refined = model._refined_masks(
+            rec.pyramids, rec.stride, model._sizes(sizes), features, (h, w), tuple(sizes[0]),
+            0.0, regressed, every,
+        )  # fmt: skip
+        good = mask_iou_matrix(full, refined) >= 0.5
+        funnel += [good.any(1), (good & (scores.amax(1) > model.mp.SCORE_THRESH_TEST)).any(1)]
+    funnel += [(out_iou >= 0.5).any(1), (out_iou * same >= 0.5).any(1)]
+    for c, *stages in zip(gt_classes.tolist(), *funnel):
+        stats["funnel"][c].append([bool(s) for s in stages])
     areas = full.flatten(1).sum(1).tolist()
     for a, b, o in zip(areas, best_any.tolist(), best_out.tolist()):
         for size, low, high in SIZES:
@@ -91,6 +111,7 @@ def main():
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     dicts = DatasetCatalog.get(dataset)[: args.images]
     stats = {"growth": defaultdict(list), "roots": defaultdict(list), "recall": defaultdict(list)}
+    stats["funnel"] = defaultdict(list)
     stats["pyramids"] = []
     with torch.no_grad():
         for d in dicts:
@@ -129,6 +150,19 @@ def main():
         print(f"| {size} | {len(r)} | {a.mean():.3f} | {np.mean(a >= 0.5):.2f} "
               f"| {np.mean(a >= 0.75):.2f} | {o.mean():.3f} | {np.mean(o >= 0.5):.2f} "
               f"| {np.mean(o >= 0.75):.2f} |")  # fmt: skip
+    print("\n4. per class: share of instances with a mask of IoU >= 0.5 after each stage")
+    stages = ["a final pyramid (grid)"]
+    if model.refine_head is not None:
+        stages += ["refined", "score > SCORE_THRESH_TEST"]
+    stages += ["outputs, any class", "outputs, its class"]
+    print("| class | instances | " + " | ".join(stages) + " |")
+    print("|---" * (len(stages) + 2) + "|")
+    names = MetadataCatalog.get(dataset).get("thing_classes", None)
+    rows = [(names[c] if names else c, np.array(v)) for c, v in sorted(stats["funnel"].items())]
+    if rows:
+        rows.append(("all", np.concatenate([r for _, r in rows])))
+    for name, r in rows:
+        print(f"| {name} | {len(r)} | " + " | ".join(f"{v:.2f}" for v in r.mean(0)) + " |")
 
 
 if __name__ == "__main__":
