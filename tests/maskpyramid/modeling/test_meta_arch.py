@@ -723,7 +723,8 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
     A predictor forced to +20 fills each window, so every output mask is exactly its box: the
     pyramid's mask box (probability > 0.5) grown by REFINE_BOX_MARGIN and half a cell."""
     cfg = mp_cfg(
-        *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, CLASSES_PER_PYRAMID=1),
+        *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
+            CLASSES_PER_PYRAMID=1),
         "MODEL.MASK_PYRAMID.MIN_KEPT_FRACTION", 0.0, "MODEL.MASK_PYRAMID.NMS", "none",
     )  # fmt: skip
     torch.manual_seed(0)
@@ -856,7 +857,10 @@ def test_refine_overlapping_pyramids_learn_the_instance_they_overlap(mp_cfg, bes
 def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
     """REFINE_RESIDUAL: with the predictor forced to a constant c, the refined logits are the
     pyramid's logits resampled into the box plus c (True), or c alone (False)."""
-    cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=residual, SCORE_THRESH_TEST=0.0))
+    cfg = mp_cfg(
+        *mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=residual, SCORE_THRESH_TEST=0.0,
+            REFINE_SCORE_THRESH=0.0)
+    )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     predictor = model.refine_head.mask_head.predictor
@@ -888,8 +892,8 @@ def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
 
 BOX_REGRESSION = mp(
     REFINE_RESOLUTION=8, CLASS_HEAD="pooled", CLASS_BACKGROUND=True, CLASS_NEGATIVE_ROOTS=4,
-    REFINE_BOX_REGRESSION=True, SCORE_THRESH_TEST=0.0, CLASSES_PER_PYRAMID=1, NMS="none",
-    MIN_KEPT_FRACTION=0.0,
+    REFINE_BOX_REGRESSION=True, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
+    CLASSES_PER_PYRAMID=1, NMS="none", MIN_KEPT_FRACTION=0.0,
 )  # fmt: skip
 
 
