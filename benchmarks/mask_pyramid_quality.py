@@ -75,14 +75,15 @@ def image_stats(model, x, stats):
     rec = model.grow(feats, cls_maps, iou_maps, sizes, len(feats))[-1]
     masks = model.inference(rec, batched, sizes, features)[0]["instances"]
     pyr = logits_to_image(rec.pyramids.logits, rec.stride, (h, w), tuple(sizes[0])) > 0
-    grid_iou = mask_iou_matrix(full, pyr)
-    best_any = grid_iou.amax(1) if len(pyr) else full.new_zeros(len(full)).float()
+    best_any = mask_iou_matrix(full, pyr).amax(1) if len(pyr) else full.new_zeros(len(full)).float()
     out_iou = mask_iou_matrix(full, masks.pred_masks.to(full.device))
     gt_classes = x["instances"].gt_classes.to(out_iou.device)
     same = gt_classes[:, None] == masks.pred_classes[None]
     best_out = (out_iou * same).amax(1) if len(masks) else torch.zeros_like(best_any)
     funnel = [best_any >= 0.5]
-    if model.refine_head is not None and len(pyr):
+    if model.refine_head is not None and not len(pyr):
+        funnel += [best_any >= 0.5] * 2  # no pyramid: nothing to refine or score
+    elif model.refine_head is not None:
         scores, regressed = model._class_scores(rec.pyramids, rec, sizes, features)
         every = torch.arange(len(pyr), device=pyr.device)
         refined = model._refined_masks(
