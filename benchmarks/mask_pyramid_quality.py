@@ -88,7 +88,7 @@ def image_stats(model, x, stats):
         every = torch.arange(len(pyr), device=pyr.device)
         refined = model._refined_masks(
             rec.pyramids, rec.stride, model._sizes(sizes), features, (h, w), tuple(sizes[0]),
-            0.0, regressed, every,
+            0.0, regressed, scores.argmax(1) if model.mp.REFINE_CLASS_SPECIFIC else None, every,
         )  # fmt: skip
         good = mask_iou_matrix(full, refined) >= 0.5
         funnel += [good.any(1), (good & (scores.amax(1) > model.mp.SCORE_THRESH_TEST)).any(1)]

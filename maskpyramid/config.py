@@ -244,6 +244,11 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # at most this many pyramids per image enter the loss, taken round-robin over the image's
     # instances (each instance's highest-scoring pyramid first), bounding its cost
     mp.REFINE_MAX_PER_IMAGE = 32
+    # the refinement predicts one mask per class (as Mask R-CNN's mask head, ROI_MASK_HEAD.
+    # CLS_AGNOSTIC_MASK False) and uses its pyramid's class: in training the class of the
+    # instance it learns, at inference the pyramid's most probable class (one mask per pyramid,
+    # shared by its CLASSES_PER_PYRAMID outputs). False: one class-agnostic mask
+    mp.REFINE_CLASS_SPECIFIC = False
     # inference: only the output pyramids whose best score reaches this are refined; the others
     # (low-scored outputs, most of them false positives) are read out on the last level's grid
     mp.REFINE_SCORE_THRESH = 0.0

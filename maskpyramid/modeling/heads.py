@@ -252,7 +252,8 @@ class RefineHead(nn.Module):
     Each pyramid's mask box is pooled from the FPN with detectron2's ``ROIPooler``
     (``ROIAlignV2``, the level by the box's size) at half the output resolution; the pyramid's
     mask probabilities, pooled on the same box, join as one more channel; detectron2's
-    ``MaskRCNNConvUpsampleHead`` (3x3 convs, 2x deconv, 1x1 predictor; class-agnostic) gives,
+    ``MaskRCNNConvUpsampleHead`` (3x3 convs, 2x deconv, 1x1 predictor; class-agnostic, or one
+    mask per class with ``num_classes`` > 1, as Mask R-CNN's) gives,
     with ``residual``, a correction that adds to the pyramid's own logits resampled into the box
     (the predictor starts near 0, so the refined mask starts as the pyramid's); without, the
     mask's logits themselves (Mask R-CNN's mask head with the pyramid's mask as an input).
@@ -267,6 +268,7 @@ class RefineHead(nn.Module):
         conv_dim: int,
         residual: bool = True,
         sampling_ratio: int = 0,
+        num_classes: int = 1,
     ):
         super().__init__()
         self.residual = residual
@@ -286,7 +288,7 @@ class RefineHead(nn.Module):
         )
         self.mask_head = MaskRCNNConvUpsampleHead(
             ShapeSpec(channels=in_channels + 1, height=resolution // 2, width=resolution // 2),
-            num_classes=1,
+            num_classes=num_classes,
             conv_dims=[conv_dim] * (num_conv + 1),
         )
 
@@ -297,13 +299,24 @@ class RefineHead(nn.Module):
         batch: torch.Tensor,
         pooled_probs: torch.Tensor,
         prior_logits: torch.Tensor,
+        classes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """features: the REFINE_FEATURES maps; boxes (K, 4) XYXY pixels of images ``batch``
         (K,); pooled_probs (K, 1, R/2, R/2): the pyramids' mask probabilities on the boxes;
-        prior_logits (K, R, R): their logits on the boxes (used when ``residual``). Returns
+        prior_logits (K, R, R): their logits on the boxes (used when ``residual``); classes
+        (K,): the class whose mask each row takes (needed with ``num_classes`` > 1). Returns
         (K, R, R) refined logits."""
         pooled = _pool_per_image(self.pooler, features, boxes, batch)
-        out = self.mask_head.layers(torch.cat([pooled, pooled_probs], 1))[:, 0]
+        out = self.mask_head.layers(torch.cat([pooled, pooled_probs], 1))
+        if out.shape[1] > 1:
+            if classes is None:
+                raise ValueError(
+                    "MODEL.MASK_PYRAMID.REFINE_CLASS_SPECIFIC: the refinement needs each "
+                    "pyramid's class"
+                )
+            out = out[torch.arange(len(out), device=out.device), classes]
+        else:
+            out = out[:, 0]
         return prior_logits + out if self.residual else out
 
 

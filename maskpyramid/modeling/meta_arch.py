@@ -222,6 +222,11 @@ class MaskPyramid(nn.Module):
                 box_deltas=mp.REFINE_BOX_REGRESSION,
             )
         self.refine_head = None
+        if mp.REFINE_CLASS_SPECIFIC and mp.REFINE_RESOLUTION <= 0:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.REFINE_CLASS_SPECIFIC gives the refinement one mask per class: "
+                "it needs REFINE_RESOLUTION > 0"
+            )
         if mp.REFINE_RESOLUTION > 0:
             self.refine_features, strides = _pooled_levels(mp, "REFINE_FEATURES", shapes)
             self.refine_head = RefineHead(
@@ -232,6 +237,7 @@ class MaskPyramid(nn.Module):
                 mp.REFINE_CHANNELS,
                 mp.REFINE_RESIDUAL,
                 sampling_ratio=mp.REFINE_SAMPLING_RATIO,
+                num_classes=num_classes if mp.REFINE_CLASS_SPECIFIC else 1,
             )
         self.box_transform = None
         if mp.REFINE_BOX_REGRESSION:
@@ -993,11 +999,11 @@ class MaskPyramid(nn.Module):
         return iou.max(1)
 
     # ------------------------------------------------------------------ refinement
-    def _refine(self, pyr, stride, sizes, features, regressed=None):
+    def _refine(self, pyr, stride, sizes, features, regressed=None, classes=None):
         """(K, R, R) refined logits of the pyramids' masks at object resolution
         (REFINE_RESOLUTION) on their grown mask boxes (K, 4), input pixels; with ``regressed``
         (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two (a NaN row: the grown
-        mask box alone)."""
+        mask box alone). ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC."""
         mp = self.mp
         r = int(mp.REFINE_RESOLUTION)
         logits = pyr.logits.detach()
@@ -1017,16 +1023,18 @@ class MaskPyramid(nn.Module):
         )
         prior = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(logits[:, None], rois)[:, 0]
         maps = [features[f] for f in self.refine_features]
-        return self.refine_head(maps, boxes, pyr.batch, pooled_probs, prior), boxes
+        return self.refine_head(maps, boxes, pyr.batch, pooled_probs, prior, classes), boxes
 
     def _refined_masks(
-        self, pyr, stride, sizes, features, out_size, size, thresh, regressed, index
+        self, pyr, stride, sizes, features, out_size, size, thresh, regressed, classes, index
     ):
         """(K, h, w) bool output masks of the pyramids ``index`` of ``pyr`` (one image),
         refined and pasted into the image (the ``readout`` of ``pyramids_to_instances``);
-        ``regressed``: the pyramids' regressed boxes, or None."""
+        ``regressed``: the pyramids' regressed boxes, or None; ``classes``: their most probable
+        classes (REFINE_CLASS_SPECIFIC), or None."""
         regressed = regressed[index] if regressed is not None else None
-        logits, boxes = self._refine(pyr[index], stride, sizes, features, regressed)
+        classes = classes[index] if classes is not None else None
+        logits, boxes = self._refine(pyr[index], stride, sizes, features, regressed, classes)
         return paste_in_image(logits, boxes, out_size, size, thresh)
 
     def _refine_loss(
@@ -1060,6 +1068,7 @@ class MaskPyramid(nn.Module):
             self._sizes(image_sizes),
             features,
             regressed[pos] if regressed is not None else None,
+            targets["classes"][target] if self.mp.REFINE_CLASS_SPECIFIC else None,
         )
         r = logits.shape[-1]
         gt = torch.zeros_like(logits)
@@ -1104,6 +1113,7 @@ class MaskPyramid(nn.Module):
                 readout = functools.partial(
                     self._refined_masks, pyr[sel], rec.stride, sizes, features, out_size,
                     tuple(size), logit_thresh, regressed[sel] if regressed is not None else None,
+                    classes[sel, 0] if mp.REFINE_CLASS_SPECIFIC else None,
                 )  # fmt: skip
             inst = pyramids_to_instances(
                 pyr.logits[sel], scores[sel], classes[sel],

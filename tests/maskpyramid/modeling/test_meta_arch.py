@@ -76,6 +76,15 @@ KNOBS = {
         CLASS_NEGATIVE_ROOTS=4,
         REFINE_BOX_REGRESSION=True,
     ),
+    "refine_class_specific": mp(
+        REFINE_RESOLUTION=8,
+        CLASS_HEAD="pooled",
+        CLASS_BACKGROUND=True,
+        REFINE_BOX_REGRESSION=True,
+        REFINE_CLASS_SPECIFIC=True,
+        REFINE_RESIDUAL=False,
+    ),
+    "refine_class_specific_residual": mp(REFINE_RESOLUTION=8, REFINE_CLASS_SPECIFIC=True),
     "pool_sampling_2": mp(
         REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=2
     ),
@@ -690,6 +699,7 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(REFINE_SAMPLING_RATIO=-2), "REFINE_SAMPLING_RATIO"),
         (mp(REFINE_BOX_REGRESSION=True, REFINE_RESOLUTION=0), "REFINE_BOX_REGRESSION"),
         (mp(REFINE_BOX_REGRESSION=True, CLASS_HEAD="root"), "REFINE_BOX_REGRESSION"),
+        (mp(REFINE_CLASS_SPECIFIC=True, REFINE_RESOLUTION=0), "REFINE_CLASS_SPECIFIC"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -736,8 +746,8 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
         seen.append((len(pyr), boxes))
         return logits, boxes
 
@@ -771,9 +781,9 @@ def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_c
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None):
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
         seen.append(pyr)
-        return refine(pyr, stride, sizes, features, regressed)
+        return refine(pyr, stride, sizes, features, regressed, classes)
 
     model._refine = spy
     records = _capture_records(model)
@@ -823,8 +833,8 @@ def test_refine_overlapping_pyramids_learn_the_instance_they_overlap(mp_cfg, bes
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
         seen.append((pyr, logits, boxes))
         return logits, boxes
 
@@ -869,9 +879,9 @@ def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
     priors = []
     head_forward = model.refine_head.forward
 
-    def spy(features, boxes, batch, pooled_probs, prior):
+    def spy(features, boxes, batch, pooled_probs, prior, classes=None):
         priors.append(prior)
-        return head_forward(features, boxes, batch, pooled_probs, prior)
+        return head_forward(features, boxes, batch, pooled_probs, prior, classes)
 
     model.refine_head.forward = spy
     outputs = []
@@ -888,6 +898,83 @@ def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
     assert len(outputs) == 1 and len(priors[0]) and priors[0].abs().max() > 0
     expected = priors[0] + 3.0 if residual else torch.full_like(priors[0], 3.0)
     torch.testing.assert_close(outputs[0], expected)
+
+
+def _class_constant_refinement(model):
+    """The refinement's predictor forced to output the constant c for class c (zero weights,
+    bias c), so that a refined mask tells which class channel it was taken from."""
+    predictor = model.refine_head.mask_head.predictor
+    torch.nn.init.zeros_(predictor.weight)
+    with torch.no_grad():
+        predictor.bias.copy_(torch.arange(predictor.out_channels, dtype=torch.float32))
+
+
+def test_refine_class_specific_learns_each_instances_class_mask(mp_cfg):
+    """REFINE_CLASS_SPECIFIC: one mask per class; the loss takes, for each pyramid, the mask of
+    its instance's class (as Mask R-CNN's mask loss takes its proposal's ground-truth class)."""
+    cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=False, REFINE_CLASS_SPECIFIC=True))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.refine_head.mask_head.predictor.out_channels == model.num_classes
+    _class_constant_refinement(model)
+    data = _one_batch(cfg)
+    seen = []
+    refine = model._refine
+
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
+        seen.append((pyr, logits))
+        return logits, boxes
+
+    model._refine = spy
+    with EventStorage(0):
+        losses = model(data)
+    ((sub, logits),) = seen
+    gt_classes = torch.cat([x["instances"].gt_classes for x in data])
+    assert len(sub) and (sub.target >= 0).all()  # the positives (REFINE_OVERLAPPING off)
+    expected = gt_classes[sub.target].float()[:, None, None].expand_as(logits)
+    torch.testing.assert_close(logits, expected)
+    assert len(set(gt_classes[sub.target].tolist())) > 1  # the test tells classes apart
+    assert torch.isfinite(losses["loss_refine"])
+
+
+def test_refine_class_specific_reads_out_each_pyramids_best_class_mask(mp_cfg):
+    """REFINE_CLASS_SPECIFIC at inference: each output pyramid's mask is its most probable
+    class's mask, the class it is output with (CLASSES_PER_PYRAMID 1)."""
+    cfg = mp_cfg(
+        *mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=False, REFINE_CLASS_SPECIFIC=True,
+            SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0, CLASSES_PER_PYRAMID=1, NMS="none",
+            MIN_KEPT_FRACTION=0.0, PAINTED_OUTPUT=False),
+        # every local peak a root and no pruning: pyramids of several classes
+        *mp(PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    _class_constant_refinement(model)
+    seen = []
+    refine = model._refine
+
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
+        seen.append(logits)
+        return logits, boxes
+
+    class_scores = model._class_scores
+
+    def mixed(*args):  # the untrained model's pyramids all favour one class: random scores
+        scores, regressed = class_scores(*args)
+        return torch.rand(scores.shape, generator=torch.Generator().manual_seed(0)), regressed
+
+    model._refine = spy
+    model._class_scores = mixed
+    with torch.no_grad():
+        inst = model(_one_batch(cfg)[:1])[0]["instances"]
+    (logits,) = seen
+    assert len(inst) == len(logits) > 1
+    values = logits.flatten(1)
+    assert (values == values[:, :1]).all()  # one class channel per pyramid
+    read = sorted(values[:, 0].long().tolist())
+    assert read == sorted(inst.pred_classes.tolist()) and len(set(read)) > 1
 
 
 BOX_REGRESSION = mp(
@@ -916,8 +1003,8 @@ def test_box_regression_widens_the_refinement_box_to_the_regressed_box(mp_cfg):
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
         mask_boxes, _ = model._mask_boxes(pyr, stride, sizes)
         seen.append((mask_boxes, boxes, regressed))
         return logits, boxes
