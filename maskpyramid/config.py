@@ -244,6 +244,13 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # at most this many pyramids per image enter the loss, taken round-robin over the image's
     # instances (each instance's highest-scoring pyramid first), bounding its cost
     mp.REFINE_MAX_PER_IMAGE = 32
+    # the refinement also learns on this many boxes per ground-truth instance, its box jittered
+    # (centre moved by up to REFINE_GT_JITTER of its side, sides scaled by up to
+    # exp(+-REFINE_GT_JITTER)) and grown as a mask box (REFINE_BOX_MARGIN), with a zero prior
+    # mask: as Mask R-CNN's mask head learns on proposals near each instance from the first
+    # iteration, whatever the pyramids' masks are; 0 = off (only the pyramids' own boxes)
+    mp.REFINE_GT_BOXES = 0
+    mp.REFINE_GT_JITTER = 0.1
     # the refinement predicts one mask per class (as Mask R-CNN's mask head, ROI_MASK_HEAD.
     # CLS_AGNOSTIC_MASK False) and uses its pyramid's class: in training the class of the
     # instance it learns, at inference the pyramid's most probable class (one mask per pyramid,

@@ -1058,22 +1058,39 @@ class MaskPyramid(nn.Module):
         if cap > 0 and len(pos):
             turn = G.rank_within_group(instance[pos], pyr.scores[pos])
             pos = pos[G.rank_within_group(pyr.batch[pos], -turn.float()) < cap]
-        if not len(pos):
+        sizes = self._sizes(image_sizes)
+        specific = self.mp.REFINE_CLASS_SPECIFIC
+        gt_boxes, gt_target = self._jittered_gt_boxes(targets, sizes, rec.stride)
+        if not len(pos) and not len(gt_target):
             return zero
-        sub = pyr[pos]
-        target = instance[pos]
-        logits, boxes = self._refine(
-            sub,
-            rec.stride,
-            self._sizes(image_sizes),
-            features,
-            regressed[pos] if regressed is not None else None,
-            targets["classes"][target] if self.mp.REFINE_CLASS_SPECIFIC else None,
-        )
-        r = logits.shape[-1]
+        target, batch = instance[pos], pyr.batch[pos]
+        r = int(self.mp.REFINE_RESOLUTION)
+        if len(pos):
+            logits, boxes = self._refine(
+                pyr[pos],
+                rec.stride,
+                sizes,
+                features,
+                regressed[pos] if regressed is not None else None,
+                targets["classes"][target] if specific else None,
+            )
+        else:
+            logits, boxes = gt_boxes.new_zeros(0, r, r), gt_boxes.new_zeros(0, 4)
+        if len(gt_target):  # no pyramid: its mask channel and prior are zero
+            gt_batch = targets["batch"][gt_target]
+            gt_logits = self.refine_head(
+                [features[f] for f in self.refine_features],
+                gt_boxes,
+                gt_batch,
+                gt_boxes.new_zeros(len(gt_boxes), 1, r // 2, r // 2),
+                gt_boxes.new_zeros(len(gt_boxes), r, r),
+                targets["classes"][gt_target] if specific else None,
+            )
+            logits, boxes = torch.cat([logits, gt_logits]), torch.cat([boxes, gt_boxes])
+            target, batch = torch.cat([target, gt_target]), torch.cat([batch, gt_batch])
         gt = torch.zeros_like(logits)
         for b, masks in enumerate(targets["gt_masks"]):  # images, as detectron2's mask loss
-            sel = (sub.batch == b).nonzero()[:, 0]
+            sel = (batch == b).nonzero()[:, 0]
             if not len(sel):
                 continue
             if masks is None:
@@ -1084,6 +1101,26 @@ class MaskPyramid(nn.Module):
             local = (target[sel] - targets["offsets"][b]).cpu()
             gt[sel] = masks[local].crop_and_resize(boxes[sel], r).to(gt.dtype)
         return self.mp.REFINE_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(logits, gt)
+
+    def _jittered_gt_boxes(self, targets, sizes, stride):
+        """REFINE_GT_BOXES training boxes per ground-truth instance, as Mask R-CNN's mask head
+        learns on proposals near each instance: its box with the centre moved by up to
+        REFINE_GT_JITTER of the side and each side scaled by up to exp(+-REFINE_GT_JITTER),
+        then grown by the margin ``_refine`` gives a mask box, clipped to the image. Returns
+        (K, 4) boxes and (K,) instances (indices into the batch's instances)."""
+        n = int(self.mp.REFINE_GT_BOXES)
+        gt = targets["boxes"]
+        instance = torch.arange(len(gt), device=gt.device).repeat_interleave(max(n, 0))
+        if not len(instance):
+            return gt.new_zeros(0, 4), instance
+        boxes = gt[instance]
+        wh = boxes[:, 2:] - boxes[:, :2]
+        jitter = float(self.mp.REFINE_GT_JITTER)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + (torch.rand_like(wh) * 2 - 1) * jitter * wh
+        wh = wh * torch.exp((torch.rand_like(wh) * 2 - 1) * jitter)
+        half = wh / 2 + wh * self.mp.REFINE_BOX_MARGIN + stride / 2
+        limits = G.image_boxes(sizes, targets["batch"][instance])
+        return G.clip_boxes(torch.cat([centre - half, centre + half], 1), limits), instance
 
     def _log_counts(self, records, num_images):
         try:

@@ -85,6 +85,7 @@ KNOBS = {
         REFINE_RESIDUAL=False,
     ),
     "refine_class_specific_residual": mp(REFINE_RESOLUTION=8, REFINE_CLASS_SPECIFIC=True),
+    "refine_gt_boxes": mp(REFINE_RESOLUTION=8, REFINE_GT_BOXES=2, REFINE_GT_JITTER=0.2),
     "pool_sampling_2": mp(
         REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=2
     ),
@@ -804,6 +805,81 @@ def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_c
     assert model.refine_head.mask_head.predictor.weight.grad.abs().sum() > 0
     # the pyramids' own logits are its prior, not trained by it
     assert all(p.grad is None for p in model.grow_heads.parameters())
+
+
+def _refine_head_calls(model):
+    """Each call of the refinement head: (boxes, batch, pooled_probs, prior, classes, logits)."""
+    calls = []
+    forward = model.refine_head.forward
+
+    def spy(features, boxes, batch, pooled_probs, prior, classes=None):
+        out = forward(features, boxes, batch, pooled_probs, prior, classes)
+        calls.append((boxes, batch, pooled_probs, prior, classes, out))
+        return out
+
+    model.refine_head.forward = spy
+    return calls
+
+
+@pytest.mark.parametrize("no_positives", [False, True])
+def test_refine_gt_boxes_learn_each_instance_on_its_own_box(mp_cfg, no_positives):
+    """REFINE_GT_BOXES: the refinement also learns, for every ground-truth instance, on its box
+    (jitter 0 here) grown as a mask box (REFINE_BOX_MARGIN of its side plus half a cell of the
+    last level), clipped to the image, with a zero prior; against the instance's mask cropped to
+    that box. Without any positive pyramid, the loss is these rows alone."""
+    cfg = mp_cfg(
+        *mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=False, REFINE_GT_BOXES=1, REFINE_GT_JITTER=0.0,
+            REFINE_OVERLAPPING=False)
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = _one_batch(cfg)
+    calls = _refine_head_calls(model)
+    records = _capture_records(model)
+    if no_positives:
+        grow = model.grow
+
+        def no_targets(*args, **kwargs):
+            out = grow(*args, **kwargs)
+            out[-1].pyramids.target.fill_(-1)
+            return out
+
+        model.grow = no_targets
+    seen = []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def bce_spy(logits, targets, *args, **kwargs):
+        seen.append((logits, targets))
+        return bce(logits, targets, *args, **kwargs)
+
+    with EventStorage(0), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", bce_spy)
+        losses = model(data)
+    assert len(calls) == (1 if no_positives else 2)
+    boxes, batch, pooled_probs, prior, classes, logits = calls[-1]
+    gt_boxes = torch.cat([x["instances"].gt_boxes.tensor for x in data])
+    assert classes is None and len(boxes) == len(gt_boxes) > 0
+    assert (pooled_probs == 0).all() and (prior == 0).all()
+    stride = records[0][-1].stride
+    grow = (gt_boxes[:, 2:] - gt_boxes[:, :2]) * 0.1 + stride / 2
+    expected = torch.cat([gt_boxes[:, :2] - grow, gt_boxes[:, 2:] + grow], 1)
+    counts = torch.tensor([len(x["instances"]) for x in data])
+    image = torch.repeat_interleave(torch.arange(len(data)), counts)
+    torch.testing.assert_close(batch, image)
+    hw = torch.tensor([x["image"].shape[1:] for x in data], dtype=torch.float32)[image]
+    expected = torch.cat(
+        [expected[:, :2].clamp(min=0), torch.minimum(expected[:, 2:], hw.flip(1))], 1
+    )
+    torch.testing.assert_close(boxes, expected)
+    crops = torch.cat(
+        [x["instances"].gt_masks.crop_and_resize(boxes[batch == b], 8).float()
+         for b, x in enumerate(data)]
+    )  # fmt: skip
+    refine_logits, refine_targets = [c for c in seen if c[0].dim() == 3][-1]
+    torch.testing.assert_close(refine_logits[-len(boxes) :], logits)
+    torch.testing.assert_close(refine_targets[-len(boxes) :], crops)
+    assert len(refine_logits) == (len(boxes) if no_positives else len(calls[0][0]) + len(boxes))
+    assert losses["loss_refine"] > 0
 
 
 @pytest.mark.parametrize("best_iou", [0.6, 0.4])
