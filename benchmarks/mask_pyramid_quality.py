@@ -16,6 +16,9 @@ On the test set's images, with their ground truth (the training mapper, without 
    (REFINE_RESOLUTION; every pyramid read out); that pyramid's best score above
    SCORE_THRESH_TEST; the model's outputs (after NMS and DETECTIONS_PER_IMAGE), of any class;
    of the instance's class.
+5. **Refinement per class**: each instance's best final pyramid refined in its own box (as at
+   inference) and in the instance's box grown as a mask box (REFINE_BOX_MARGIN): with a right
+   box, what is left is the refinement head's.
 
 Usage:
   python benchmarks/mask_pyramid_quality.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
@@ -29,13 +32,19 @@ from collections import defaultdict
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes
+from detectron2.structures.boxes import matched_pairwise_iou
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models_side_by_side import load_mask_pyramid  # noqa: E402
 
 from maskpyramid.data.mapper import MaskPyramidDatasetMapper  # noqa: E402
 from maskpyramid.modeling import growth as G  # noqa: E402
-from maskpyramid.modeling.inference import logits_to_image, mask_iou_matrix  # noqa: E402
+from maskpyramid.modeling.inference import (  # noqa: E402
+    logits_to_image,
+    mask_iou_matrix,
+    paste_in_image,
+)
 from maskpyramid.modeling.losses import mask_iou  # noqa: E402
 
 SIZES = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
@@ -92,6 +101,7 @@ def image_stats(model, x, stats):
         )  # fmt: skip
         good = mask_iou_matrix(full, refined) >= 0.5
         funnel += [good.any(1), (good & (scores.amax(1) > model.mp.SCORE_THRESH_TEST)).any(1)]
+        refine_stats(model, rec, features, sizes, targets, full, pyr, scores, regressed, stats)
     funnel += [(out_iou >= 0.5).any(1), (out_iou * same >= 0.5).any(1)]
     for c, *stages in zip(gt_classes.tolist(), *funnel):
         stats["funnel"][c].append([bool(s) for s in stages])
@@ -104,6 +114,33 @@ def image_stats(model, x, stats):
     stats["pyramids"].append(len(pyr))
 
 
+def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regressed, stats):
+    """5: each instance's best final pyramid (on the grid) refined in its own box (as at
+    inference, its most probable class with REFINE_CLASS_SPECIFIC) and in the instance's own box
+    grown as a mask box (its true class): what the refinement head makes of a right box."""
+    best = mask_iou_matrix(full, grid).argmax(1)
+    sub = rec.pyramids[best]
+    sizes_t = model._sizes(sizes)
+    specific = model.mp.REFINE_CLASS_SPECIFIC
+    h, w = full.shape[-2:]
+    own, own_boxes = model._refine(
+        sub, rec.stride, sizes_t, features, regressed[best] if regressed is not None else None,
+        scores.argmax(1)[best] if specific else None,
+    )  # fmt: skip
+    gt_boxes, _ = model._jittered_gt_boxes(targets, sizes_t, rec.stride, 1, 0.0)
+    in_gt = model._refine_in(
+        sub, rec.stride, features, gt_boxes, targets["classes"] if specific else None
+    )
+    ious = []
+    for logits, boxes in ((own, own_boxes), (in_gt, gt_boxes)):
+        m = paste_in_image(logits, boxes, (h, w), tuple(sizes[0]), 0.0)
+        ious.append(((m & full).flatten(1).sum(1) / (m | full).flatten(1).sum(1).clamp(min=1)))
+    box_iou = matched_pairwise_iou(Boxes(own_boxes), Boxes(gt_boxes))
+    on_grid = mask_iou_matrix(full, grid).amax(1)
+    for c, *v in zip(targets["classes"].tolist(), on_grid, *ious, box_iou):
+        stats["refine"][c].append([float(x) for x in v])
+
+
 def main():
     args, cfg, model = load_mask_pyramid(__doc__, 60)
     cfg.defrost()
@@ -113,6 +150,7 @@ def main():
     dicts = DatasetCatalog.get(dataset)[: args.images]
     stats = {"growth": defaultdict(list), "roots": defaultdict(list), "recall": defaultdict(list)}
     stats["funnel"] = defaultdict(list)
+    stats["refine"] = defaultdict(list)
     stats["pyramids"] = []
     with torch.no_grad():
         for d in dicts:
@@ -164,6 +202,17 @@ def main():
         rows.append(("all", np.concatenate([r for _, r in rows])))
     for name, r in rows:
         print(f"| {name} | {len(r)} | " + " | ".join(f"{v:.2f}" for v in r.mean(0)) + " |")
+
+    if not stats["refine"]:
+        return
+    print("\n5. per class: the refinement of each instance's best final pyramid (mean IoU)")
+    print("| class | instances | best final pyramid (grid) | refined, its own box "
+          "| refined, the instance's box | own box vs the instance's (box IoU) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    rows = [(names[c] if names else c, np.array(v)) for c, v in sorted(stats["refine"].items())]
+    rows.append(("all", np.concatenate([r for _, r in rows])))
+    for name, r in rows:
+        print(f"| {name} | {len(r)} | " + " | ".join(f"{v:.3f}" for v in r.mean(0)) + " |")
 
 
 if __name__ == "__main__":

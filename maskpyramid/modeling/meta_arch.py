@@ -1005,9 +1005,7 @@ class MaskPyramid(nn.Module):
         (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two (a NaN row: the grown
         mask box alone). ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC."""
         mp = self.mp
-        r = int(mp.REFINE_RESOLUTION)
-        logits = pyr.logits.detach()
-        boxes, probs = self._mask_boxes(pyr, stride, sizes)
+        boxes, _ = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
         grow = (boxes[:, 2:] - boxes[:, :2]) * mp.REFINE_BOX_MARGIN + stride / 2
         low, high = boxes[:, :2] - grow, boxes[:, 2:] + grow
@@ -1016,6 +1014,14 @@ class MaskPyramid(nn.Module):
             low = torch.where(known, torch.minimum(low, regressed[:, :2]), low)
             high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
         boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
+        return self._refine_in(pyr, stride, features, boxes, classes), boxes
+
+    def _refine_in(self, pyr, stride, features, boxes, classes=None):
+        """(K, R, R) refined logits of the pyramids' masks in the given boxes (K, 4), input
+        pixels (``_refine`` gives their grown mask boxes)."""
+        r = int(self.mp.REFINE_RESOLUTION)
+        logits = pyr.logits.detach()
+        probs = logits.sigmoid()
         idx = torch.arange(len(pyr), device=boxes.device, dtype=boxes.dtype)
         rois = torch.cat([idx[:, None], boxes], 1)
         pooled_probs = ROIAlign((r // 2, r // 2), 1.0 / stride, 0, aligned=True)(
@@ -1023,7 +1029,7 @@ class MaskPyramid(nn.Module):
         )
         prior = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(logits[:, None], rois)[:, 0]
         maps = [features[f] for f in self.refine_features]
-        return self.refine_head(maps, boxes, pyr.batch, pooled_probs, prior, classes), boxes
+        return self.refine_head(maps, boxes, pyr.batch, pooled_probs, prior, classes)
 
     def _refined_masks(
         self, pyr, stride, sizes, features, out_size, size, thresh, regressed, classes, index
@@ -1060,7 +1066,9 @@ class MaskPyramid(nn.Module):
             pos = pos[G.rank_within_group(pyr.batch[pos], -turn.float()) < cap]
         sizes = self._sizes(image_sizes)
         specific = self.mp.REFINE_CLASS_SPECIFIC
-        gt_boxes, gt_target = self._jittered_gt_boxes(targets, sizes, rec.stride)
+        gt_boxes, gt_target = self._jittered_gt_boxes(
+            targets, sizes, rec.stride, int(self.mp.REFINE_GT_BOXES), self.mp.REFINE_GT_JITTER
+        )
         if not len(pos) and not len(gt_target):
             return zero
         target, batch = instance[pos], pyr.batch[pos]
@@ -1102,20 +1110,19 @@ class MaskPyramid(nn.Module):
             gt[sel] = masks[local].crop_and_resize(boxes[sel], r).to(gt.dtype)
         return self.mp.REFINE_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(logits, gt)
 
-    def _jittered_gt_boxes(self, targets, sizes, stride):
-        """REFINE_GT_BOXES training boxes per ground-truth instance, as Mask R-CNN's mask head
-        learns on proposals near each instance: its box with the centre moved by up to
-        REFINE_GT_JITTER of the side and each side scaled by up to exp(+-REFINE_GT_JITTER),
-        then grown by the margin ``_refine`` gives a mask box, clipped to the image. Returns
-        (K, 4) boxes and (K,) instances (indices into the batch's instances)."""
-        n = int(self.mp.REFINE_GT_BOXES)
+    def _jittered_gt_boxes(self, targets, sizes, stride, copies, jitter):
+        """``copies`` boxes per ground-truth instance (REFINE_GT_BOXES), as Mask R-CNN's mask
+        head learns on proposals near each instance: its box with the centre moved by up to
+        ``jitter`` (REFINE_GT_JITTER) of the side and each side scaled by up to
+        exp(+-``jitter``), then grown by the margin ``_refine`` gives a mask box, clipped to the
+        image. Returns (K, 4) boxes and (K,) instances (indices into the batch's instances)."""
         gt = targets["boxes"]
-        instance = torch.arange(len(gt), device=gt.device).repeat_interleave(max(n, 0))
+        instance = torch.arange(len(gt), device=gt.device).repeat_interleave(max(copies, 0))
         if not len(instance):
             return gt.new_zeros(0, 4), instance
         boxes = gt[instance]
         wh = boxes[:, 2:] - boxes[:, :2]
-        jitter = float(self.mp.REFINE_GT_JITTER)
+        jitter = float(jitter)
         centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + (torch.rand_like(wh) * 2 - 1) * jitter * wh
         wh = wh * torch.exp((torch.rand_like(wh) * 2 - 1) * jitter)
         half = wh / 2 + wh * self.mp.REFINE_BOX_MARGIN + stride / 2
