@@ -118,7 +118,7 @@ def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regre
     """5: each instance's best final pyramid (on the grid) refined in its own box (as at
     inference, its most probable class with REFINE_CLASS_SPECIFIC) and in the instance's own box
     grown as a mask box (its true class): what the refinement head makes of a right box."""
-    best = mask_iou_matrix(full, grid).argmax(1)
+    on_grid, best = mask_iou_matrix(full, grid).max(1)
     sub = rec.pyramids[best]
     sizes_t = model._sizes(sizes)
     specific = model.mp.REFINE_CLASS_SPECIFIC
@@ -136,7 +136,6 @@ def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regre
         m = paste_in_image(logits, boxes, (h, w), tuple(sizes[0]), 0.0)
         ious.append(((m & full).flatten(1).sum(1) / (m | full).flatten(1).sum(1).clamp(min=1)))
     box_iou = matched_pairwise_iou(Boxes(own_boxes), Boxes(gt_boxes))
-    on_grid = mask_iou_matrix(full, grid).amax(1)
     for c, *v in zip(targets["classes"].tolist(), on_grid, *ious, box_iou):
         stats["refine"][c].append([float(x) for x in v])
 

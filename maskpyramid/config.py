@@ -248,13 +248,15 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # (centre moved by up to REFINE_GT_JITTER of its side, sides scaled by up to
     # exp(+-REFINE_GT_JITTER)) and grown as a mask box (REFINE_BOX_MARGIN), with a zero prior
     # mask: as Mask R-CNN's mask head learns on proposals near each instance from the first
-    # iteration, whatever the pyramids' masks are; 0 = off (only the pyramids' own boxes)
+    # iteration, whatever the pyramids' masks are; 0 = off (only the pyramids' own boxes). On
+    # shapes (_long, seed 42, 2 boxes): segm AP 33.1, rings 11.5, against 33.85 and 10.6 without
     mp.REFINE_GT_BOXES = 0
     mp.REFINE_GT_JITTER = 0.1
     # the refinement predicts one mask per class (as Mask R-CNN's mask head, ROI_MASK_HEAD.
     # CLS_AGNOSTIC_MASK False) and uses its pyramid's class: in training the class of the
     # instance it learns, at inference the pyramid's most probable class (one mask per pyramid,
-    # shared by its CLASSES_PER_PYRAMID outputs). False: one class-agnostic mask
+    # shared by its CLASSES_PER_PYRAMID outputs). False: one class-agnostic mask. On shapes
+    # (_long, seed 42) the ring mask did not learn: segm AP 27.0, rings 0.9 (33.85, 10.6 without)
     mp.REFINE_CLASS_SPECIFIC = False
     # inference: only the output pyramids whose best score reaches this are refined; the others
     # (low-scored outputs, most of them false positives) are read out on the last level's grid

@@ -1005,7 +1005,7 @@ class MaskPyramid(nn.Module):
         (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two (a NaN row: the grown
         mask box alone). ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC."""
         mp = self.mp
-        boxes, _ = self._mask_boxes(pyr, stride, sizes)
+        boxes, probs = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
         grow = (boxes[:, 2:] - boxes[:, :2]) * mp.REFINE_BOX_MARGIN + stride / 2
         low, high = boxes[:, :2] - grow, boxes[:, 2:] + grow
@@ -1014,14 +1014,15 @@ class MaskPyramid(nn.Module):
             low = torch.where(known, torch.minimum(low, regressed[:, :2]), low)
             high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
         boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
-        return self._refine_in(pyr, stride, features, boxes, classes), boxes
+        return self._refine_in(pyr, stride, features, boxes, classes, probs), boxes
 
-    def _refine_in(self, pyr, stride, features, boxes, classes=None):
+    def _refine_in(self, pyr, stride, features, boxes, classes=None, probs=None):
         """(K, R, R) refined logits of the pyramids' masks in the given boxes (K, 4), input
-        pixels (``_refine`` gives their grown mask boxes)."""
+        pixels (``_refine`` gives their grown mask boxes); ``probs``: the masks' probabilities
+        when already computed."""
         r = int(self.mp.REFINE_RESOLUTION)
         logits = pyr.logits.detach()
-        probs = logits.sigmoid()
+        probs = logits.sigmoid() if probs is None else probs
         idx = torch.arange(len(pyr), device=boxes.device, dtype=boxes.dtype)
         rois = torch.cat([idx[:, None], boxes], 1)
         pooled_probs = ROIAlign((r // 2, r // 2), 1.0 / stride, 0, aligned=True)(
