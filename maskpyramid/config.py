@@ -225,6 +225,11 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # weight of that L1 loss (``loss_box_reg``), summed over the regressed rows and divided by all
     # the class head's rows, as Fast R-CNN's
     mp.BOX_REG_LOSS_WEIGHT = 1.0
+    # the refinement's box with REFINE_BOX_REGRESSION: "union" of the grown mask box and the
+    # regressed box; "regressed": the regressed box alone, not grown (as Mask R-CNN's mask head
+    # works in its box head's boxes: the box tells the head the object's extent), the grown mask
+    # box where the class head regressed none. REFINE_GT_BOXES' boxes are then not grown either
+    mp.REFINE_BOX = "union"
     # a row regresses only when its mask box overlaps its instance's box with at least this IoU
     # (Fast R-CNN regresses its foreground proposals, IoU >= 0.5): an untrained mask's box of a
     # cell or of the whole image says nothing of where the instance is

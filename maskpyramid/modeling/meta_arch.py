@@ -247,6 +247,16 @@ class MaskPyramid(nn.Module):
                     "the pooled class head: it needs CLASS_HEAD 'pooled' and REFINE_RESOLUTION > 0"
                 )
             self.box_transform = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
+        if mp.REFINE_BOX not in ("union", "regressed"):
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.REFINE_BOX must be 'union' or 'regressed', got "
+                f"{mp.REFINE_BOX!r}"
+            )
+        if mp.REFINE_BOX == "regressed" and self.box_transform is None:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.REFINE_BOX 'regressed' refines in the class head's regressed "
+                "boxes: it needs REFINE_BOX_REGRESSION True"
+            )
         self.sem_seg_head = (
             SemSegHead(channels, num_classes) if mp.SEM_SEG_LOSS_WEIGHT > 0 else None
         )
@@ -1002,8 +1012,9 @@ class MaskPyramid(nn.Module):
     def _refine(self, pyr, stride, sizes, features, regressed=None, classes=None):
         """(K, R, R) refined logits of the pyramids' masks at object resolution
         (REFINE_RESOLUTION) on their grown mask boxes (K, 4), input pixels; with ``regressed``
-        (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two (a NaN row: the grown
-        mask box alone). ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC."""
+        (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two, or with REFINE_BOX
+        "regressed" on the regressed box alone (a NaN row: the grown mask box alone).
+        ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC."""
         mp = self.mp
         boxes, probs = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
@@ -1011,8 +1022,12 @@ class MaskPyramid(nn.Module):
         low, high = boxes[:, :2] - grow, boxes[:, 2:] + grow
         if regressed is not None:
             known = torch.isfinite(regressed).all(1, keepdim=True)
-            low = torch.where(known, torch.minimum(low, regressed[:, :2]), low)
-            high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
+            if mp.REFINE_BOX == "regressed":
+                low = torch.where(known, regressed[:, :2], low)
+                high = torch.where(known, regressed[:, 2:], high)
+            else:
+                low = torch.where(known, torch.minimum(low, regressed[:, :2]), low)
+                high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
         boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
         return self._refine_in(pyr, stride, features, boxes, classes, probs), boxes
 
@@ -1115,8 +1130,9 @@ class MaskPyramid(nn.Module):
         """``copies`` boxes per ground-truth instance (REFINE_GT_BOXES), as Mask R-CNN's mask
         head learns on proposals near each instance: its box with the centre moved by up to
         ``jitter`` (REFINE_GT_JITTER) of the side and each side scaled by up to
-        exp(+-``jitter``), then grown by the margin ``_refine`` gives a mask box, clipped to the
-        image. Returns (K, 4) boxes and (K,) instances (indices into the batch's instances)."""
+        exp(+-``jitter``), then grown by the margin ``_refine`` gives a mask box (not with
+        REFINE_BOX "regressed", whose boxes are not grown), clipped to the image. Returns (K, 4)
+        boxes and (K,) instances (indices into the batch's instances)."""
         gt = targets["boxes"]
         instance = torch.arange(len(gt), device=gt.device).repeat_interleave(max(copies, 0))
         if not len(instance):
@@ -1126,7 +1142,9 @@ class MaskPyramid(nn.Module):
         jitter = float(jitter)
         centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + (torch.rand_like(wh) * 2 - 1) * jitter * wh
         wh = wh * torch.exp((torch.rand_like(wh) * 2 - 1) * jitter)
-        half = wh / 2 + wh * self.mp.REFINE_BOX_MARGIN + stride / 2
+        half = wh / 2
+        if self.mp.REFINE_BOX != "regressed":  # the regressed boxes are not grown
+            half = half + wh * self.mp.REFINE_BOX_MARGIN + stride / 2
         limits = G.image_boxes(sizes, targets["batch"][instance])
         return G.clip_boxes(torch.cat([centre - half, centre + half], 1), limits), instance
 

@@ -86,6 +86,14 @@ KNOBS = {
     ),
     "refine_class_specific_residual": mp(REFINE_RESOLUTION=8, REFINE_CLASS_SPECIFIC=True),
     "refine_gt_boxes": mp(REFINE_RESOLUTION=8, REFINE_GT_BOXES=2, REFINE_GT_JITTER=0.2),
+    "refine_box_regressed": mp(
+        REFINE_RESOLUTION=8,
+        CLASS_HEAD="pooled",
+        CLASS_BACKGROUND=True,
+        REFINE_BOX_REGRESSION=True,
+        REFINE_BOX="regressed",
+        REFINE_GT_BOXES=1,
+    ),
     "pool_sampling_2": mp(
         REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=2
     ),
@@ -701,6 +709,8 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(REFINE_BOX_REGRESSION=True, REFINE_RESOLUTION=0), "REFINE_BOX_REGRESSION"),
         (mp(REFINE_BOX_REGRESSION=True, CLASS_HEAD="root"), "REFINE_BOX_REGRESSION"),
         (mp(REFINE_CLASS_SPECIFIC=True, REFINE_RESOLUTION=0), "REFINE_CLASS_SPECIFIC"),
+        (mp(REFINE_RESOLUTION=8, REFINE_BOX="tight"), "REFINE_BOX"),
+        (mp(REFINE_BOX_REGRESSION=False, REFINE_BOX="regressed"), "REFINE_BOX"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -821,15 +831,19 @@ def _refine_head_calls(model):
     return calls
 
 
+@pytest.mark.parametrize("box", ["union", "regressed"])
 @pytest.mark.parametrize("no_positives", [False, True])
-def test_refine_gt_boxes_learn_each_instance_on_its_own_box(mp_cfg, no_positives):
+def test_refine_gt_boxes_learn_each_instance_on_its_own_box(mp_cfg, no_positives, box):
     """REFINE_GT_BOXES: the refinement also learns, for every ground-truth instance, on its box
     (jitter 0 here) grown as a mask box (REFINE_BOX_MARGIN of its side plus half a cell of the
-    last level), clipped to the image, with a zero prior; against the instance's mask cropped to
-    that box. Without any positive pyramid, the loss is these rows alone."""
+    last level; with REFINE_BOX "regressed", whose boxes are not grown, the box itself), clipped
+    to the image, with a zero prior; against the instance's mask cropped to that box. Without
+    any positive pyramid, the loss is these rows alone."""
+    regressed = mp(CLASS_HEAD="pooled", CLASS_BACKGROUND=True, REFINE_BOX_REGRESSION=True)
     cfg = mp_cfg(
         *mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=False, REFINE_GT_BOXES=1, REFINE_GT_JITTER=0.0,
-            REFINE_OVERLAPPING=False)
+            REFINE_OVERLAPPING=False, REFINE_BOX=box),
+        *(regressed if box == "regressed" else []),
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -862,6 +876,10 @@ def test_refine_gt_boxes_learn_each_instance_on_its_own_box(mp_cfg, no_positives
     assert (pooled_probs == 0).all() and (prior == 0).all()
     stride = records[0][-1].stride
     grow = (gt_boxes[:, 2:] - gt_boxes[:, :2]) * 0.1 + stride / 2
+    if box == "regressed":
+        grow = torch.zeros_like(grow)
+    else:
+        assert (grow > 0).all()
     expected = torch.cat([gt_boxes[:, :2] - grow, gt_boxes[:, 2:] + grow], 1)
     counts = torch.tensor([len(x["instances"]) for x in data])
     image = torch.repeat_interleave(torch.arange(len(data)), counts)
@@ -1067,12 +1085,14 @@ def _force_deltas(model, deltas):
         model.class_head.bbox_pred.bias.copy_(torch.tensor(deltas))
 
 
-def test_box_regression_widens_the_refinement_box_to_the_regressed_box(mp_cfg):
+@pytest.mark.parametrize("box", ["union", "regressed"])
+def test_box_regression_widens_the_refinement_box_to_the_regressed_box(mp_cfg, box):
     """REFINE_BOX_REGRESSION: the refinement works on the union of the grown mask box and the
-    class head's regressed box, in training and at inference. Deltas forced to 0 leave the
-    grown mask box; deltas forced to twice the width and height (Box2BoxTransform's weights 5)
-    give the mask box doubled about its centre, clipped to the image."""
-    cfg = mp_cfg(*BOX_REGRESSION)
+    class head's regressed box (REFINE_BOX "regressed": on the regressed box alone), in
+    training and at inference. Deltas forced to 0 leave the grown mask box (the mask box);
+    deltas forced to twice the width and height (Box2BoxTransform's weights 5) give the mask
+    box doubled about its centre, clipped to the image."""
+    cfg = mp_cfg(*BOX_REGRESSION, *mp(REFINE_BOX=box))
     torch.manual_seed(0)
     model = build_model(cfg)
     data = _one_batch(cfg)[:1]
@@ -1101,7 +1121,7 @@ def test_box_regression_widens_the_refinement_box_to_the_regressed_box(mp_cfg):
             grown = torch.cat([mask_boxes[:, :2] - grow, mask_boxes[:, 2:] + grow], 1)
             if deltas[2] == 0:
                 torch.testing.assert_close(regressed, mask_boxes)
-                want = grown
+                want = grown if box == "union" else mask_boxes
             else:
                 centre = (mask_boxes[:, :2] + mask_boxes[:, 2:]) / 2
                 doubled = torch.cat([centre - side, centre + side], 1)
@@ -1109,16 +1129,21 @@ def test_box_regression_widens_the_refinement_box_to_the_regressed_box(mp_cfg):
                     regressed, doubled.clamp(min=0).minimum(torch.tensor([w, h, w, h]))
                 )
                 want = torch.cat([grown[:, :2].minimum(doubled[:, :2]), grown[:, 2:].maximum(
-                    doubled[:, 2:])], 1)  # fmt: skip
+                    doubled[:, 2:])], 1) if box == "union" else doubled  # fmt: skip
                 assert (want != grown).any()
             want = want.clamp(min=0).minimum(torch.tensor([w, h, w, h], dtype=want.dtype))
             torch.testing.assert_close(boxes, want)
 
 
-def test_refine_box_is_the_grown_mask_box_where_nothing_was_regressed(mp_cfg):
-    """A NaN regressed box (a pyramid the class head did not score) leaves the grown mask box."""
+@pytest.mark.parametrize("box", ["union", "regressed"])
+def test_refine_box_is_the_grown_mask_box_where_nothing_was_regressed(mp_cfg, box):
+    """A NaN regressed box (a pyramid the class head did not score) leaves the grown mask box,
+    with either REFINE_BOX."""
     # every local peak a root and no pruning: several pyramids from the untrained model
-    cfg = mp_cfg(*BOX_REGRESSION, *mp(PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000))
+    cfg = mp_cfg(
+        *BOX_REGRESSION,
+        *mp(PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000, REFINE_BOX=box),
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     records = _capture_records(model)
