@@ -17,8 +17,8 @@ On the test set's images, with their ground truth (the training mapper, without 
    SCORE_THRESH_TEST; the model's outputs (after NMS and DETECTIONS_PER_IMAGE), of any class;
    of the instance's class.
 5. **Refinement per class**: each instance's best final pyramid refined in its own box (as at
-   inference) and in the instance's box grown as a mask box (REFINE_BOX_MARGIN): with a right
-   box, what is left is the refinement head's.
+   inference) and in the instance's box grown as a mask box (REFINE_BOX_MARGIN; not grown with
+   REFINE_BOX "regressed"): with a right box, what is left is the refinement head's.
 
 Usage:
   python benchmarks/mask_pyramid_quality.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
@@ -117,7 +117,8 @@ def image_stats(model, x, stats):
 def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regressed, stats):
     """5: each instance's best final pyramid (on the grid) refined in its own box (as at
     inference, its most probable class with REFINE_CLASS_SPECIFIC) and in the instance's own box
-    grown as a mask box (its true class): what the refinement head makes of a right box."""
+    grown as a mask box (not with REFINE_BOX "regressed"; its true class): what the refinement
+    head makes of a right box."""
     on_grid, best = mask_iou_matrix(full, grid).max(1)
     sub = rec.pyramids[best]
     sizes_t = model._sizes(sizes)
