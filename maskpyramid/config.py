@@ -228,7 +228,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # the refinement's box with REFINE_BOX_REGRESSION: "union" of the grown mask box and the
     # regressed box; "regressed": the regressed box alone, not grown (as Mask R-CNN's mask head
     # works in its box head's boxes: the box tells the head the object's extent), the grown mask
-    # box where the class head regressed none. REFINE_GT_BOXES' boxes are then not grown either
+    # box where the class head regressed none. REFINE_GT_BOXES' boxes are then not grown either.
+    # On shapes (_long, seed 42, with REFINE_GT_BOXES 2): segm AP 33.6, rings 16.2, squares 37.8,
+    # triangles 33.2, against 33.4, 10.6, 42.3 and 35.6 with "union"
     mp.REFINE_BOX = "union"
     # a row regresses only when its mask box overlaps its instance's box with at least this IoU
     # (Fast R-CNN regresses its foreground proposals, IoU >= 0.5): an untrained mask's box of a
