@@ -134,8 +134,7 @@ def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regre
     )
     ious = []
     for logits, boxes in ((own, own_boxes), (in_gt, gt_boxes)):
-        m = paste_in_image(logits, boxes, (h, w), tuple(sizes[0]), 0.0)
-        ious.append(((m & full).flatten(1).sum(1) / (m | full).flatten(1).sum(1).clamp(min=1)))
+        ious.append(mask_iou(paste_in_image(logits, boxes, (h, w), tuple(sizes[0]), 0.0), full))
     box_iou = matched_pairwise_iou(Boxes(own_boxes), Boxes(gt_boxes))
     for c, *v in zip(targets["classes"].tolist(), on_grid, *ious, box_iou):
         stats["refine"][c].append([float(x) for x in v])

@@ -40,37 +40,29 @@ from detectron2.structures.boxes import matched_pairwise_iou
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models_side_by_side import load  # noqa: E402
 
+from maskpyramid.modeling import growth as G  # noqa: E402
 from maskpyramid.modeling.inference import (  # noqa: E402
     logits_to_image,
     mask_iou_matrix,
     paste_in_image,
 )
+from maskpyramid.modeling.losses import mask_iou  # noqa: E402
 
 FEATURES = ("p2", "p3", "p4", "p5")
 
 
-def jitter_boxes(boxes, copies, jitter, margin, size):
-    """``copies`` jittered copies of ``boxes`` (N, 4), grown by ``margin`` (plus 2 pixels) when
-    set, clipped to the image ``size`` (h, w)."""
-    b = boxes.repeat(copies, 1)
-    wh = b[:, 2:] - b[:, :2]
-    centre = (b[:, :2] + b[:, 2:]) / 2 + (torch.rand_like(wh) * 2 - 1) * jitter * wh
-    wh = wh * torch.exp((torch.rand_like(wh) * 2 - 1) * jitter)
-    return grow(torch.cat([centre - wh / 2, centre + wh / 2], 1), margin, size)
-
-
 def grow(boxes, margin, size):
+    """``boxes`` (N, 4) grown by ``margin`` of the side plus 2 pixels (half a p2 cell, as a mask
+    box) when set, clipped to the image ``size`` (h, w)."""
     if margin:
         g = (boxes[:, 2:] - boxes[:, :2]) * margin + 2.0
         boxes = torch.cat([boxes[:, :2] - g, boxes[:, 2:] + g], 1)
-    h, w = size
-    return torch.cat([boxes[:, :2].clamp(min=0), boxes[:, 2:].minimum(boxes.new([w, h]))], 1)
+    return G.clip_boxes(boxes, G.image_boxes([size], boxes.new_zeros(len(boxes), dtype=torch.long)))
 
 
 def masks_iou(logits, boxes, full, size):
     """Per-row IoU of ``logits`` (K, R, R) pasted in ``boxes`` with the masks ``full``."""
-    m = paste_in_image(logits, boxes, tuple(full.shape[-2:]), size, 0.0)
-    return (m & full).flatten(1).sum(1) / (m | full).flatten(1).sum(1).clamp(min=1)
+    return mask_iou(paste_in_image(logits, boxes, tuple(full.shape[-2:]), size, 0.0), full)
 
 
 def train_probe(args, cfg, model, pooler, head):
@@ -88,8 +80,8 @@ def train_probe(args, cfg, model, pooler, head):
         boxes, targets = [], []
         for x in batched:
             inst = x["instances"].to(model.device)
-            b = jitter_boxes(inst.gt_boxes.tensor, args.copies, args.jitter, args.margin,
-                             inst.image_size)  # fmt: skip
+            b = G.jitter_boxes(inst.gt_boxes.tensor.repeat(args.copies, 1), args.jitter)
+            b = grow(b, args.margin, inst.image_size)
             boxes.append(Boxes(b))
             index = torch.arange(len(inst)).repeat(args.copies)
             targets.append(inst.gt_masks[index].crop_and_resize(b, 28).float())

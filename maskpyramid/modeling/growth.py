@@ -190,6 +190,15 @@ def support_boxes(
     return clip_boxes(boxes, limits), nonempty
 
 
+def jitter_boxes(boxes: torch.Tensor, jitter: float) -> torch.Tensor:
+    """(N, 4) XYXY ``boxes`` with the centre moved by up to ``jitter`` of the side and each side
+    scaled by up to exp(+-``jitter``), uniformly at random (proposals near an instance)."""
+    wh = boxes[:, 2:] - boxes[:, :2]
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + (torch.rand_like(wh) * 2 - 1) * jitter * wh
+    wh = wh * torch.exp((torch.rand_like(wh) * 2 - 1) * jitter)
+    return torch.cat([centre - wh / 2, centre + wh / 2], 1)
+
+
 def clip_boxes(boxes: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
     """(N, 4) XYXY ``boxes`` clipped to (N, 4) ``limits``, box by box (detectron2's
     ``Boxes.clip`` takes one image size for all)."""

@@ -1137,16 +1137,12 @@ class MaskPyramid(nn.Module):
         instance = torch.arange(len(gt), device=gt.device).repeat_interleave(max(copies, 0))
         if not len(instance):
             return gt.new_zeros(0, 4), instance
-        boxes = gt[instance]
-        wh = boxes[:, 2:] - boxes[:, :2]
-        jitter = float(jitter)
-        centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + (torch.rand_like(wh) * 2 - 1) * jitter * wh
-        wh = wh * torch.exp((torch.rand_like(wh) * 2 - 1) * jitter)
-        half = wh / 2
+        boxes = G.jitter_boxes(gt[instance], float(jitter))
         if self.mp.REFINE_BOX != "regressed":  # the regressed boxes are not grown
-            half = half + wh * self.mp.REFINE_BOX_MARGIN + stride / 2
+            grow = (boxes[:, 2:] - boxes[:, :2]) * self.mp.REFINE_BOX_MARGIN + stride / 2
+            boxes = torch.cat([boxes[:, :2] - grow, boxes[:, 2:] + grow], 1)
         limits = G.image_boxes(sizes, targets["batch"][instance])
-        return G.clip_boxes(torch.cat([centre - half, centre + half], 1), limits), instance
+        return G.clip_boxes(boxes, limits), instance
 
     def _log_counts(self, records, num_images):
         try:

@@ -56,6 +56,19 @@ def test_centred_boxes_stay_inside_and_shrink_to_small_images():
     torch.testing.assert_close(b, torch.tensor([[0.0, 0, 32, 32], [0.0, 0, 20, 20]]))
 
 
+def test_jitter_boxes_move_the_centre_and_scale_the_sides_within_the_jitter():
+    torch.manual_seed(0)
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0]]).repeat(2000, 1)
+    torch.testing.assert_close(G.jitter_boxes(boxes, 0.0), boxes)
+    out = G.jitter_boxes(boxes, 0.1)
+    wh, side = out[:, 2:] - out[:, :2], torch.tensor([40.0, 20.0])
+    shift = ((out[:, :2] + out[:, 2:]) / 2 - torch.tensor([30.0, 30.0])) / side
+    assert shift.abs().max() <= 0.1 + 1e-5 and shift.abs().max() > 0.09
+    scale = (wh / side).log()
+    assert scale.abs().max() <= 0.1 + 1e-5 and scale.abs().max() > 0.09
+    assert len(out.unique(dim=0)) == len(out)  # each copy its own
+
+
 def test_local_peaks():
     s = torch.zeros(1, 5, 5)
     s[0, 1, 1] = 0.5
