@@ -21,7 +21,14 @@ from detectron2.structures import Boxes
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ScoreHead", "PyramidMaskHead", "PooledClassHead", "RefineHead", "SemSegHead"]
+__all__ = [
+    "ScoreHead",
+    "PyramidMaskHead",
+    "PooledClassHead",
+    "PooledBoxHead",
+    "RefineHead",
+    "SemSegHead",
+]
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -244,6 +251,53 @@ class PooledClassHead(nn.Module):
         if self.bbox_pred is not None:
             deltas = self.bbox_pred(self.box_fc(maps.detach().flatten(1)))
         return self.cls_score(x), iou, deltas
+
+
+class PooledBoxHead(nn.Module):
+    """Fast R-CNN's class-agnostic box deltas of pyramids from features of their own
+    (``BOX_REG_HEAD: "own"``): each box (the caller's, grown for context) pooled with
+    detectron2's ``ROIPooler`` (``ROIAlignV2``), the pyramid's mask pooled on the same box as one
+    more channel, detectron2's ``FastRCNNConvFCHead`` (GroupNorm convs, one fully connected
+    layer) and a linear layer of 4 deltas initialised as Fast R-CNN's box predictor. Unlike the
+    class head's box layer, its loss trains its convolutions and, through the pooled features,
+    the FPN."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        strides: List[int],
+        resolution: int,
+        num_conv: int,
+        conv_dim: int,
+        fc_dim: int = 256,
+        sampling_ratio: int = 0,
+    ):
+        super().__init__()
+        self.pooler = ROIPooler(
+            resolution, [1.0 / s for s in strides], sampling_ratio, "ROIAlignV2"
+        )
+        self.fc = FastRCNNConvFCHead(
+            ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
+            conv_dims=[conv_dim] * num_conv,
+            fc_dims=[fc_dim],
+            conv_norm="GN",
+        )
+        self.bbox_pred = nn.Linear(fc_dim, 4)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.constant_(self.bbox_pred.bias, 0)
+
+    def forward(
+        self,
+        features: List[torch.Tensor],
+        boxes: torch.Tensor,
+        batch: torch.Tensor,
+        pooled_masks: torch.Tensor,
+    ) -> torch.Tensor:
+        """features: the CLASS_POOL_FEATURES maps; boxes (K, 4) XYXY pixels of images ``batch``
+        (K,), where it pools; pooled_masks: (K, 1, R, R) mask probabilities on the same boxes.
+        Returns (K, 4) box deltas (the caller says from which boxes)."""
+        pooled = _pool_per_image(self.pooler, features, boxes, batch)
+        return self.bbox_pred(self.fc(torch.cat([pooled, pooled_masks], 1)))
 
 
 class RefineHead(nn.Module):

@@ -23,7 +23,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import growth as G
-from .heads import PooledClassHead, PyramidMaskHead, RefineHead, ScoreHead, SemSegHead
+from .heads import (
+    PooledBoxHead,
+    PooledClassHead,
+    PyramidMaskHead,
+    RefineHead,
+    ScoreHead,
+    SemSegHead,
+)
 from .inference import NMS_MASKS, NMS_MODES, mask_iou_matrix, paste_in_image, pyramids_to_instances
 from .losses import (
     MASK_LOSSES,
@@ -219,7 +226,7 @@ class MaskPyramid(nn.Module):
                 mp.CLASS_FC_DIM,
                 maskiou=self.pooled_maskiou,
                 sampling_ratio=mp.CLASS_POOL_SAMPLING_RATIO,
-                box_deltas=mp.REFINE_BOX_REGRESSION,
+                box_deltas=mp.REFINE_BOX_REGRESSION and mp.BOX_REG_HEAD == "detached",
             )
         self.refine_head = None
         if mp.REFINE_CLASS_SPECIFIC and mp.REFINE_RESOLUTION <= 0:
@@ -247,6 +254,25 @@ class MaskPyramid(nn.Module):
                     "the pooled class head: it needs CLASS_HEAD 'pooled' and REFINE_RESOLUTION > 0"
                 )
             self.box_transform = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
+        if mp.BOX_REG_HEAD not in ("detached", "own"):
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.BOX_REG_HEAD must be 'detached' or 'own', got "
+                f"{mp.BOX_REG_HEAD!r}"
+            )
+        if mp.BOX_REG_CONTEXT < 0:
+            raise ValueError(
+                f"MODEL.MASK_PYRAMID.BOX_REG_CONTEXT must be >= 0, got {mp.BOX_REG_CONTEXT}"
+            )
+        self.box_head = None
+        if self.box_transform is not None and mp.BOX_REG_HEAD == "own":
+            self.box_head = PooledBoxHead(
+                shapes[self.class_features[0]].channels,
+                _pooled_levels(mp, "CLASS_POOL_FEATURES", shapes)[1],
+                mp.CLASS_POOL_RESOLUTION,
+                mp.CLASS_NUM_CONV,
+                mp.CLASS_CONV_DIM,
+                sampling_ratio=mp.CLASS_POOL_SAMPLING_RATIO,
+            )
         if mp.REFINE_BOX not in ("union", "regressed"):
             raise ValueError(
                 "MODEL.MASK_PYRAMID.REFINE_BOX must be 'union' or 'regressed', got "
@@ -827,14 +853,21 @@ class MaskPyramid(nn.Module):
     def _pooled_class_logits(self, features, probs, batch, boxes, stride):
         """(K, C) class logits of masks ``probs`` (K, H, W) on a level of ``stride``, whose boxes
         (K, 4) are in input pixels (CLASS_HEAD "pooled"), (K,) mask-IoU logits (None unless
-        SCORE_MODE "maskiou") and (K, 4) box deltas (None unless REFINE_BOX_REGRESSION)."""
+        SCORE_MODE "maskiou") and (K, 4) box deltas from ``boxes`` (None unless
+        REFINE_BOX_REGRESSION; with BOX_REG_HEAD "own", from features pooled on ``boxes`` grown
+        by BOX_REG_CONTEXT)."""
         r = self.mp.CLASS_POOL_RESOLUTION
         idx = torch.arange(len(probs), device=probs.device, dtype=boxes.dtype)
-        pooled_masks = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(
-            probs[:, None], torch.cat([idx[:, None], boxes], 1)
-        )
+        pool = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)
+        pooled_masks = pool(probs[:, None], torch.cat([idx[:, None], boxes], 1))
         maps = [features[f] for f in self.class_features]
-        return self.class_head(maps, boxes, batch, pooled_masks)
+        logits, iou_logits, deltas = self.class_head(maps, boxes, batch, pooled_masks)
+        if self.box_head is not None:  # BOX_REG_HEAD "own": on the box grown for context
+            grow = (boxes[:, 2:] - boxes[:, :2]) * self.mp.BOX_REG_CONTEXT
+            context = torch.cat([boxes[:, :2] - grow, boxes[:, 2:] + grow], 1)
+            context_masks = pool(probs[:, None], torch.cat([idx[:, None], context], 1))
+            deltas = self.box_head(maps, context, batch, context_masks)
+        return logits, iou_logits, deltas
 
     def _mask_boxes(self, pyr, stride, sizes):
         """Boxes of the pyramids' masks (probability > 0.5) in input pixels, and the
@@ -917,7 +950,8 @@ class MaskPyramid(nn.Module):
                 instances.append(s_instances)
                 rows.append(s.nonzero()[:, 0])
         labels = torch.cat(labels)
-        zero = sum(p.sum() for p in self.class_head.parameters()) * 0
+        heads = [self.class_head] + ([self.box_head] if self.box_head is not None else [])
+        zero = sum(p.sum() for h in heads for p in h.parameters()) * 0
         out = {"loss_cls_pooled": zero}
         if self.pooled_maskiou:
             out["loss_maskiou"] = zero

@@ -94,6 +94,15 @@ KNOBS = {
         REFINE_BOX="regressed",
         REFINE_GT_BOXES=1,
     ),
+    "box_reg_own": mp(
+        REFINE_RESOLUTION=8,
+        CLASS_HEAD="pooled",
+        CLASS_BACKGROUND=True,
+        REFINE_BOX_REGRESSION=True,
+        BOX_REG_HEAD="own",
+        BOX_REG_CONTEXT=0.5,
+        REFINE_BOX="regressed",
+    ),
     "pool_sampling_2": mp(
         REFINE_RESOLUTION=8, CLASS_POOL_SAMPLING_RATIO=2, REFINE_SAMPLING_RATIO=2
     ),
@@ -711,6 +720,8 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(REFINE_CLASS_SPECIFIC=True, REFINE_RESOLUTION=0), "REFINE_CLASS_SPECIFIC"),
         (mp(REFINE_RESOLUTION=8, REFINE_BOX="tight"), "REFINE_BOX"),
         (mp(REFINE_BOX_REGRESSION=False, REFINE_BOX="regressed"), "REFINE_BOX"),
+        (mp(REFINE_BOX_REGRESSION=True, BOX_REG_HEAD="shared"), "BOX_REG_HEAD"),
+        (mp(BOX_REG_CONTEXT=-0.1), "BOX_REG_CONTEXT"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -1079,10 +1090,12 @@ BOX_REGRESSION = mp(
 
 
 def _force_deltas(model, deltas):
-    """The class head's box deltas forced to the constant ``deltas`` (4,)."""
-    torch.nn.init.zeros_(model.class_head.bbox_pred.weight)
+    """The box deltas (the class head's, or BOX_REG_HEAD "own"'s) forced to the constant
+    ``deltas`` (4,)."""
+    head = model.box_head if model.box_head is not None else model.class_head
+    torch.nn.init.zeros_(head.bbox_pred.weight)
     with torch.no_grad():
-        model.class_head.bbox_pred.bias.copy_(torch.tensor(deltas))
+        head.bbox_pred.bias.copy_(torch.tensor(deltas))
 
 
 @pytest.mark.parametrize("box", ["union", "regressed"])
@@ -1204,3 +1217,59 @@ def test_box_regression_loss_is_fast_rcnns_l1_on_close_rows(mp_cfg):
     assert model.class_head.box_fc[0].weight.grad.abs().sum() > 0
     # its own layer on the class head's convolutions, which it does not train
     assert all(p.grad is None for p in model.class_head.fc.parameters())
+
+
+def test_box_reg_head_own_pools_a_context_box_and_trains_the_fpn(mp_cfg):
+    """BOX_REG_HEAD "own": the deltas come from a head of its own that pools each mask box grown
+    by BOX_REG_CONTEXT of its side on each side (the class head pools the mask box itself); the
+    deltas are still from the mask box (forced to 0, the regressed box is the mask box); its
+    loss trains that head and the backbone, not the class head's layers."""
+    cfg = mp_cfg(*BOX_REGRESSION, *mp(BOX_REG_HEAD="own", BOX_REG_CONTEXT=0.5))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.class_head.bbox_pred is None and model.class_head.box_fc is None
+    data = _one_batch(cfg)[:1]
+    pooled = {}
+    for name in ("class_head", "box_head"):
+        head = getattr(model, name)
+
+        def spy(maps, boxes, batch, masks, _forward=head.forward, _name=name):
+            pooled[_name] = boxes.detach().clone()
+            return _forward(maps, boxes, batch, masks)
+
+        head.forward = spy
+    seen = []
+    refine = model._refine
+
+    def refine_spy(pyr, stride, sizes, features, regressed=None, classes=None):
+        seen.append((model._mask_boxes(pyr, stride, sizes)[0], regressed))
+        return refine(pyr, stride, sizes, features, regressed, classes)
+
+    model._refine = refine_spy
+    _force_deltas(model, [0.0, 0.0, 0.0, 0.0])
+    model.eval()
+    with torch.no_grad():
+        model(data)
+    side = pooled["class_head"][:, 2:] - pooled["class_head"][:, :2]
+    want = torch.cat(
+        [pooled["class_head"][:, :2] - side / 2, pooled["class_head"][:, 2:] + side / 2], 1
+    )
+    assert len(want) and (side > 0).all()
+    torch.testing.assert_close(pooled["box_head"], want)
+    ((mask_boxes, regressed),) = seen
+    assert len(regressed) and torch.isfinite(regressed).all()
+    torch.testing.assert_close(regressed, mask_boxes)
+    # training: the box loss reaches the box head and the backbone, not the class head
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0):
+        losses = model(_one_batch(cfg))
+    assert losses["loss_box_reg"] > 0
+    losses["loss_box_reg"].backward()
+    assert model.box_head.bbox_pred.weight.grad.abs().sum() > 0
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.box_head.fc.parameters()
+    )
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    assert all(p.grad is None for p in model.class_head.parameters())
