@@ -16,9 +16,9 @@ On the test set's images, with their ground truth (the training mapper, without 
    (REFINE_RESOLUTION; every pyramid read out); that pyramid's best score above
    SCORE_THRESH_TEST; the model's outputs (after NMS and DETECTIONS_PER_IMAGE), of any class;
    of the instance's class.
-5. **Refinement per class**: each instance's best final pyramid refined in its own box (as at
-   inference) and in the instance's box grown as a mask box (REFINE_BOX_MARGIN; not grown with
-   REFINE_BOX "regressed"): with a right box, what is left is the refinement head's.
+5. **Refinement per class and size**: each instance's best final pyramid refined in its own
+   box (as at inference) and in the instance's box grown as a mask box (REFINE_BOX_MARGIN; not
+   grown with REFINE_BOX "regressed"): with a right box, what is left is the refinement head's.
 
 Usage:
   python benchmarks/mask_pyramid_quality.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
@@ -105,13 +105,18 @@ def image_stats(model, x, stats):
     funnel += [(out_iou >= 0.5).any(1), (out_iou * same >= 0.5).any(1)]
     for c, *stages in zip(gt_classes.tolist(), *funnel):
         stats["funnel"][c].append([bool(s) for s in stages])
-    areas = full.flatten(1).sum(1).tolist()
-    for a, b, o in zip(areas, best_any.tolist(), best_out.tolist()):
-        for size, low, high in SIZES:
-            if low <= a < high:
-                stats["recall"][size].append((b, o))
+    for size, b, o in zip(_size_names(full), best_any.tolist(), best_out.tolist()):
+        stats["recall"][size].append((b, o))
         stats["recall"]["all"].append((b, o))
     stats["pyramids"].append(len(pyr))
+
+
+def _size_names(full):
+    """COCO's size of each (M, h, w) instance mask: "small", "medium" or "large"."""
+    return [
+        next(size for size, low, high in SIZES if low <= a < high)
+        for a in full.flatten(1).sum(1).tolist()
+    ]
 
 
 def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regressed, stats):
@@ -136,8 +141,9 @@ def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regre
     for logits, boxes in ((own, own_boxes), (in_gt, gt_boxes)):
         ious.append(mask_iou(paste_in_image(logits, boxes, (h, w), tuple(sizes[0]), 0.0), full))
     box_iou = matched_pairwise_iou(Boxes(own_boxes), Boxes(gt_boxes))
-    for c, *v in zip(targets["classes"].tolist(), on_grid, *ious, box_iou):
+    for c, size, *v in zip(targets["classes"].tolist(), _size_names(full), on_grid, *ious, box_iou):
         stats["refine"][c].append([float(x) for x in v])
+        stats["refine_sizes"][size].append([float(x) for x in v])
 
 
 def main():
@@ -150,6 +156,7 @@ def main():
     stats = {"growth": defaultdict(list), "roots": defaultdict(list), "recall": defaultdict(list)}
     stats["funnel"] = defaultdict(list)
     stats["refine"] = defaultdict(list)
+    stats["refine_sizes"] = defaultdict(list)
     stats["pyramids"] = []
     with torch.no_grad():
         for d in dicts:
@@ -204,12 +211,17 @@ def main():
 
     if not stats["refine"]:
         return
-    print("\n5. per class: the refinement of each instance's best final pyramid (mean IoU)")
-    print("| class | instances | best final pyramid (grid) | refined, its own box "
-          "| refined, the instance's box | own box vs the instance's (box IoU) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n5. per class and size: the refinement of each instance's best final pyramid (mean IoU)"
+    )
     rows = [(names[c] if names else c, np.array(v)) for c, v in sorted(stats["refine"].items())]
     rows.append(("all", np.concatenate([r for _, r in rows])))
+    rows += [
+        (s, np.array(stats["refine_sizes"][s])) for s, _, _ in SIZES if stats["refine_sizes"][s]
+    ]
+    print("| class or size | instances | best final pyramid (grid) | refined, its own box "
+          "| refined, the instance's box | own box vs the instance's (box IoU) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {len(r)} | " + " | ".join(f"{v:.3f}" for v in r.mean(0)) + " |")
 
