@@ -159,6 +159,28 @@ class PyramidMaskHead(nn.Module):
         return self.predictor(x), x
 
 
+def _pooled_conv_fc(in_channels, strides, resolution, num_conv, conv_dim, fc_dims, sampling):
+    """detectron2's ``ROIPooler`` (``ROIAlignV2``) and ``FastRCNNConvFCHead`` (GroupNorm convs,
+    then fully connected layers) on the pooled features plus one mask channel: the pooled
+    class and box heads' trunk."""
+    pooler = ROIPooler(resolution, [1.0 / s for s in strides], sampling, "ROIAlignV2")
+    fc = FastRCNNConvFCHead(
+        ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
+        conv_dims=[conv_dim] * num_conv,
+        fc_dims=list(fc_dims),
+        conv_norm="GN",
+    )
+    return pooler, fc
+
+
+def _box_predictor(in_dim: int) -> nn.Linear:
+    """Class-agnostic box deltas, initialised as Fast R-CNN's box predictor."""
+    pred = nn.Linear(in_dim, 4)
+    nn.init.normal_(pred.weight, std=0.001)
+    nn.init.constant_(pred.bias, 0)
+    return pred
+
+
 class PooledClassHead(nn.Module):
     """Classifies pyramids from what lies under their masks (``CLASS_HEAD: "pooled"``).
     ``strides``: those of consecutive FPN levels (as ``ROIPooler`` needs), checked by the
@@ -198,14 +220,8 @@ class PooledClassHead(nn.Module):
                 "MODEL.MASK_PYRAMID.CLASS_NUM_FC must be >= 1 and CLASS_NUM_CONV >= 0, got "
                 f"{num_fc} and {num_conv}"
             )
-        self.pooler = ROIPooler(
-            resolution, [1.0 / s for s in strides], sampling_ratio, "ROIAlignV2"
-        )
-        self.fc = FastRCNNConvFCHead(
-            ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
-            conv_dims=[conv_dim] * num_conv,
-            fc_dims=[fc_dim] * num_fc,
-            conv_norm="GN",
+        self.pooler, self.fc = _pooled_conv_fc(
+            in_channels, strides, resolution, num_conv, conv_dim, [fc_dim] * num_fc, sampling_ratio
         )
         self.cls_score = nn.Linear(fc_dim, num_classes)
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -223,10 +239,7 @@ class PooledClassHead(nn.Module):
             self.box_fc = nn.Sequential(nn.Linear(conv_out, box_fc_dim), nn.ReLU(inplace=True))
             nn.init.kaiming_uniform_(self.box_fc[0].weight, a=1)  # as FastRCNNConvFCHead's
             nn.init.constant_(self.box_fc[0].bias, 0)
-            # class-agnostic, as Fast R-CNN's box predictor's initialisation
-            self.bbox_pred = nn.Linear(box_fc_dim, 4)
-            nn.init.normal_(self.bbox_pred.weight, std=0.001)
-            nn.init.constant_(self.bbox_pred.bias, 0)
+            self.bbox_pred = _box_predictor(box_fc_dim)
 
     def forward(
         self,
@@ -273,18 +286,10 @@ class PooledBoxHead(nn.Module):
         sampling_ratio: int = 0,
     ):
         super().__init__()
-        self.pooler = ROIPooler(
-            resolution, [1.0 / s for s in strides], sampling_ratio, "ROIAlignV2"
+        self.pooler, self.fc = _pooled_conv_fc(
+            in_channels, strides, resolution, num_conv, conv_dim, [fc_dim], sampling_ratio
         )
-        self.fc = FastRCNNConvFCHead(
-            ShapeSpec(channels=in_channels + 1, height=resolution, width=resolution),
-            conv_dims=[conv_dim] * num_conv,
-            fc_dims=[fc_dim],
-            conv_norm="GN",
-        )
-        self.bbox_pred = nn.Linear(fc_dim, 4)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.constant_(self.bbox_pred.bias, 0)
+        self.bbox_pred = _box_predictor(fc_dim)
 
     def forward(
         self,
