@@ -25,6 +25,9 @@ TINY = [
     "MODEL.FPN.OUT_CHANNELS", 32,
     # single images below the coarsest stride: BatchNorm cannot train on one 1x1 map
     "MODEL.RESNETS.NORM", "FrozenBN",
+    # the refinement's tests start from the union box without instance-box rows; the shapes
+    # config's REFINE_BOX "regressed" and REFINE_GT_BOXES 2 have knobs and tests of their own
+    "MODEL.MASK_PYRAMID.REFINE_BOX", "union", "MODEL.MASK_PYRAMID.REFINE_GT_BOXES", 0,
 ]  # fmt: skip
 
 
