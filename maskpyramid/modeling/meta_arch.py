@@ -214,10 +214,10 @@ class MaskPyramid(nn.Module):
         )
         self.class_head = None
         if mp.CLASS_HEAD == "pooled":
-            self.class_features, strides = _pooled_levels(mp, "CLASS_POOL_FEATURES", shapes)
+            self.class_features, class_strides = _pooled_levels(mp, "CLASS_POOL_FEATURES", shapes)
             self.class_head = PooledClassHead(
                 shapes[self.class_features[0]].channels,
-                strides,
+                class_strides,
                 num_classes + int(mp.CLASS_BACKGROUND),
                 mp.CLASS_POOL_RESOLUTION,
                 mp.CLASS_NUM_CONV,
@@ -267,7 +267,7 @@ class MaskPyramid(nn.Module):
         if self.box_transform is not None and mp.BOX_REG_HEAD == "own":
             self.box_head = PooledBoxHead(
                 shapes[self.class_features[0]].channels,
-                _pooled_levels(mp, "CLASS_POOL_FEATURES", shapes)[1],
+                class_strides,  # the class head's levels
                 mp.CLASS_POOL_RESOLUTION,
                 mp.CLASS_NUM_CONV,
                 mp.CLASS_CONV_DIM,
