@@ -131,7 +131,7 @@ def refine_stats(model, rec, features, sizes, targets, full, grid, scores, regre
     h, w = full.shape[-2:]
     own, own_boxes = model._refine(
         sub, rec.stride, sizes_t, features, regressed[best] if regressed is not None else None,
-        scores.argmax(1)[best] if specific else None,
+        scores.argmax(1)[best] if specific else None, model.mp.REFINE_PASSES,
     )  # fmt: skip
     gt_boxes, _ = model._jittered_gt_boxes(targets, sizes_t, rec.stride, 1, 0.0)
     in_gt = model._refine_in(

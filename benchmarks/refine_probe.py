@@ -142,7 +142,7 @@ def pyramid_rows(model, features, image_sizes, full, gt_boxes, probe):
     classes = scores.argmax(1)[best] if model.mp.REFINE_CLASS_SPECIFIC else None
     own, own_boxes = model._refine(
         sub, rec.stride, sizes, features, regressed[best] if regressed is not None else None,
-        classes,
+        classes, model.mp.REFINE_PASSES,
     )  # fmt: skip
     boxes = {"mask box": mask_boxes, "refinement box": own_boxes}
     if regressed is not None:

@@ -280,6 +280,11 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # inference: only the output pyramids whose best score reaches this are refined; the others
     # (low-scored outputs, most of them false positives) are read out on the last level's grid
     mp.REFINE_SCORE_THRESH = 0.0
+    # inference: each further pass refines the pyramid again in the tight box of the previous
+    # pass's mask (its cells above MASK_THRESHOLD; an empty mask keeps its box), as a box
+    # from the first pass's mask is closer to the object than the regressed box; 1 = one pass
+    # (training always refines once)
+    mp.REFINE_PASSES = 1
 
     # --- inference ---
     mp.SCORE_THRESH_TEST = 0.05

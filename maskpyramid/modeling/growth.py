@@ -21,6 +21,7 @@ __all__ = [
     "paste_windows",
     "sample_windows",
     "support_boxes",
+    "tight_boxes",
     "centred_boxes",
     "image_boxes",
     "local_peaks",
@@ -219,6 +220,18 @@ def mask_extents(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     nonempty = rows.any(1)
     boxes = torch.stack([x0, y0, x1, y1], 1) * nonempty[:, None]
     return boxes, nonempty
+
+
+def tight_boxes(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) boxes, in the units of ``boxes``, of the cells of (N, R, R) bool ``masks`` laid on
+    (N, 4) ``boxes`` (cell edges, as ROIAlign's bins); an empty mask keeps its box."""
+    extents, nonempty = mask_extents(masks)
+    cells = torch.tensor(
+        [masks.shape[2], masks.shape[1]] * 2, dtype=boxes.dtype, device=boxes.device
+    )
+    cell = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2) / cells
+    tight = boxes[:, :2].repeat(1, 2) + extents.to(boxes.dtype) * cell
+    return torch.where(nonempty[:, None], tight, boxes)
 
 
 def local_peaks(score_map: torch.Tensor, threshold: float) -> torch.Tensor:

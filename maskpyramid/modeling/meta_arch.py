@@ -278,6 +278,10 @@ class MaskPyramid(nn.Module):
                 "MODEL.MASK_PYRAMID.REFINE_BOX must be 'union' or 'regressed', got "
                 f"{mp.REFINE_BOX!r}"
             )
+        if mp.REFINE_PASSES < 1:
+            raise ValueError(
+                f"MODEL.MASK_PYRAMID.REFINE_PASSES must be >= 1, got {mp.REFINE_PASSES}"
+            )
         if mp.REFINE_BOX == "regressed" and self.box_transform is None:
             raise ValueError(
                 "MODEL.MASK_PYRAMID.REFINE_BOX 'regressed' refines in the class head's regressed "
@@ -1043,12 +1047,14 @@ class MaskPyramid(nn.Module):
         return iou.max(1)
 
     # ------------------------------------------------------------------ refinement
-    def _refine(self, pyr, stride, sizes, features, regressed=None, classes=None):
+    def _refine(self, pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
         """(K, R, R) refined logits of the pyramids' masks at object resolution
         (REFINE_RESOLUTION) on their grown mask boxes (K, 4), input pixels; with ``regressed``
         (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two, or with REFINE_BOX
         "regressed" on the regressed box alone (a NaN row: the grown mask box alone).
-        ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC."""
+        ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC. Each of ``passes``
+        - 1 further passes (REFINE_PASSES, at inference) refines again in the tight box of the
+        previous pass's mask."""
         mp = self.mp
         boxes, probs = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
@@ -1063,7 +1069,12 @@ class MaskPyramid(nn.Module):
                 low = torch.where(known, torch.minimum(low, regressed[:, :2]), low)
                 high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
         boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
-        return self._refine_in(pyr, stride, features, boxes, classes, probs), boxes
+        logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
+        thresh = math.log(mp.MASK_THRESHOLD / (1 - mp.MASK_THRESHOLD))
+        for _ in range(int(passes) - 1):
+            boxes = G.clip_boxes(G.tight_boxes(logits > thresh, boxes), limits)
+            logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
+        return logits, boxes
 
     def _refine_in(self, pyr, stride, features, boxes, classes=None, probs=None):
         """(K, R, R) refined logits of the pyramids' masks in the given boxes (K, 4), input
@@ -1090,7 +1101,9 @@ class MaskPyramid(nn.Module):
         classes (REFINE_CLASS_SPECIFIC), or None."""
         regressed = regressed[index] if regressed is not None else None
         classes = classes[index] if classes is not None else None
-        logits, boxes = self._refine(pyr[index], stride, sizes, features, regressed, classes)
+        logits, boxes = self._refine(
+            pyr[index], stride, sizes, features, regressed, classes, self.mp.REFINE_PASSES
+        )
         return paste_in_image(logits, boxes, out_size, size, thresh)
 
     def _refine_loss(

@@ -49,6 +49,14 @@ def test_support_boxes_and_empty_maps():
     torch.testing.assert_close(boxes[0], torch.tensor([0.0, 8, 32, 40]))
 
 
+def test_tight_boxes_are_the_masks_cells_on_their_boxes_and_empty_masks_keep_theirs():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 1:3, 2] = True  # rows 1-2, column 2 of a 4x4 grid on a 40 x 20 box
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 8.0, 8.0]])
+    out = G.tight_boxes(masks, boxes)
+    torch.testing.assert_close(out, torch.tensor([[30.0, 25.0, 40.0, 35.0], [0.0, 0, 8, 8]]))
+
+
 def test_centred_boxes_stay_inside_and_shrink_to_small_images():
     c = torch.tensor([[2.0, 2.0], [30.0, 10.0]])
     lim = torch.tensor([[0.0, 0, 64, 64], [0.0, 0, 20, 20]])

@@ -89,6 +89,7 @@ KNOBS = {
     ),
     "refine_class_specific_residual": mp(REFINE_RESOLUTION=8, REFINE_CLASS_SPECIFIC=True),
     "refine_gt_boxes": mp(REFINE_RESOLUTION=8, REFINE_GT_BOXES=2, REFINE_GT_JITTER=0.2),
+    "refine_passes": mp(REFINE_RESOLUTION=8, REFINE_PASSES=2),
     "refine_box_regressed": mp(
         REFINE_RESOLUTION=8,
         CLASS_HEAD="pooled",
@@ -725,6 +726,7 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(REFINE_BOX_REGRESSION=False, REFINE_BOX="regressed"), "REFINE_BOX"),
         (mp(REFINE_BOX_REGRESSION=True, BOX_REG_HEAD="shared"), "BOX_REG_HEAD"),
         (mp(BOX_REG_CONTEXT=-0.1), "BOX_REG_CONTEXT"),
+        (mp(REFINE_RESOLUTION=8, REFINE_PASSES=0), "REFINE_PASSES"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -771,8 +773,8 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes, passes)
         seen.append((len(pyr), boxes))
         return logits, boxes
 
@@ -798,6 +800,51 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
         assert len(model(data)[0]["instances"]) == 0
 
 
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_refine_passes_refine_again_in_the_tight_box_of_the_previous_mask(mp_cfg, passes):
+    """REFINE_PASSES: at inference each further pass refines in the box of the previous
+    pass's mask cells (probability > MASK_THRESHOLD) on its box; an empty mask keeps its box.
+    The outputs are the last pass's masks."""
+    # every local peak a root and no pruning: several pyramids from the untrained model
+    cfg = mp_cfg(
+        *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
+            CLASSES_PER_PYRAMID=1, MIN_KEPT_FRACTION=0.0, NMS="none", REFINE_PASSES=passes,
+            PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    data = _one_batch(cfg)[:1]
+    calls = []
+
+    def fake_refine_in(pyr, stride, features, boxes, classes=None, probs=None):
+        # every pass but the last: rows 2-4 and columns 1-3 of the 8x8 window, none for row 0
+        logits = torch.full((len(pyr), 8, 8), -10.0)
+        logits[:, 2:5, 1:4] = 10.0
+        logits[0] = -10.0
+        if len(calls) == passes - 1:
+            logits = torch.full((len(pyr), 8, 8), 10.0)  # the last fills its box
+        calls.append(boxes.clone())
+        return logits
+
+    model._refine_in = fake_refine_in
+    with torch.no_grad():
+        inst = model(data)[0]["instances"]
+    assert len(calls) == passes and len(inst) >= 2
+    for before, after in zip(calls, calls[1:]):
+        cell = (before[:, 2:] - before[:, :2]) / 8
+        want = torch.cat([before[:, :2] + cell * torch.tensor([1.0, 2.0]),
+                          before[:, :2] + cell * torch.tensor([4.0, 5.0])], 1)  # fmt: skip
+        want[0] = before[0]  # the empty mask keeps its box
+        torch.testing.assert_close(after, want)
+    x = data[0]
+    scale = torch.tensor([x["width"], x["height"]] * 2) / torch.tensor(
+        [x["image"].shape[2], x["image"].shape[1]] * 2
+    )
+    out_boxes = sorted(inst.pred_boxes.tensor.tolist())
+    for a, b in zip(sorted(calls[-1].mul(scale).round().tolist()), out_boxes):
+        assert all(abs(u - v) <= 1.01 for u, v in zip(a, b))
+
+
 def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_cfg):
     cfg = mp_cfg(*mp(REFINE_RESOLUTION=8, REFINE_MAX_PER_IMAGE=2, REFINE_OVERLAPPING=False))
     torch.manual_seed(0)
@@ -806,9 +853,9 @@ def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_c
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
         seen.append(pyr)
-        return refine(pyr, stride, sizes, features, regressed, classes)
+        return refine(pyr, stride, sizes, features, regressed, classes, passes)
 
     model._refine = spy
     records = _capture_records(model)
@@ -941,8 +988,8 @@ def test_refine_overlapping_pyramids_learn_the_instance_they_overlap(mp_cfg, bes
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes, passes)
         seen.append((pyr, logits, boxes))
         return logits, boxes
 
@@ -1029,8 +1076,8 @@ def test_refine_class_specific_learns_each_instances_class_mask(mp_cfg):
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes, passes)
         seen.append((pyr, logits))
         return logits, boxes
 
@@ -1062,8 +1109,8 @@ def test_refine_class_specific_reads_out_each_pyramids_best_class_mask(mp_cfg):
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes, passes)
         seen.append(logits)
         return logits, boxes
 
@@ -1115,8 +1162,8 @@ def test_box_regression_widens_the_refinement_box_to_the_regressed_box(mp_cfg, b
     seen = []
     refine = model._refine
 
-    def spy(pyr, stride, sizes, features, regressed=None, classes=None):
-        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes)
+    def spy(pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
+        logits, boxes = refine(pyr, stride, sizes, features, regressed, classes, passes)
         mask_boxes, _ = model._mask_boxes(pyr, stride, sizes)
         seen.append((mask_boxes, boxes, regressed))
         return logits, boxes
@@ -1244,9 +1291,9 @@ def test_box_reg_head_own_pools_a_context_box_and_trains_the_fpn(mp_cfg):
     seen = []
     refine = model._refine
 
-    def refine_spy(pyr, stride, sizes, features, regressed=None, classes=None):
+    def refine_spy(pyr, stride, sizes, features, regressed=None, classes=None, passes=1):
         seen.append((model._mask_boxes(pyr, stride, sizes)[0], regressed))
-        return refine(pyr, stride, sizes, features, regressed, classes)
+        return refine(pyr, stride, sizes, features, regressed, classes, passes)
 
     model._refine = refine_spy
     _force_deltas(model, [0.0, 0.0, 0.0, 0.0])
