@@ -233,7 +233,7 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # box head: it sees where the object goes on beyond its coarse mask. On shapes (_long,
     # REFINE_BOX "regressed", seed 42): box IoU with the instances 0.684 -> 0.696 (small objects
     # 0.649 -> 0.688), segm AP 33.6 -> 34.2; seeds 3 and 1: 18.5 (32.5 with "detached"; the
-    # whole model trained slower, final loss 5.64 against 5.22) and 37.7: unstable, not kept
+    # whole model trained slower, final loss 5.86 against 5.34) and 37.7: unstable, not kept
     mp.BOX_REG_HEAD = "detached"
     # with BOX_REG_HEAD "own": the box it pools grows by this fraction of the mask box's side on
     # each side (its deltas are still from the mask box)
