@@ -1052,9 +1052,9 @@ class MaskPyramid(nn.Module):
         (REFINE_RESOLUTION) on their grown mask boxes (K, 4), input pixels; with ``regressed``
         (K, 4) boxes (REFINE_BOX_REGRESSION), on the union of the two, or with REFINE_BOX
         "regressed" on the regressed box alone (a NaN row: the grown mask box alone).
-        ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC. Each of ``passes``
-        - 1 further passes (REFINE_PASSES, at inference) refines again in the tight box of the
-        previous pass's mask."""
+        ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC. With ``passes`` > 1
+        (REFINE_PASSES, at inference), every pass after the first refines again in the tight box
+        of the previous pass's mask."""
         mp = self.mp
         boxes, probs = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
@@ -1070,7 +1070,7 @@ class MaskPyramid(nn.Module):
                 high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
         boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
         logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
-        thresh = math.log(mp.MASK_THRESHOLD / (1 - mp.MASK_THRESHOLD))
+        thresh = torch.logit(torch.tensor(float(mp.MASK_THRESHOLD))).item()
         for _ in range(int(passes) - 1):
             boxes = G.clip_boxes(G.tight_boxes(logits > thresh, boxes), limits)
             logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
