@@ -1070,9 +1070,8 @@ class MaskPyramid(nn.Module):
                 high = torch.where(known, torch.maximum(high, regressed[:, 2:]), high)
         boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
         logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
-        thresh = torch.logit(torch.tensor(float(mp.MASK_THRESHOLD))).item()
         for _ in range(int(passes) - 1):
-            boxes = G.clip_boxes(G.tight_boxes(logits > thresh, boxes), limits)
+            boxes = G.clip_boxes(G.tight_boxes(logits.sigmoid() > mp.MASK_THRESHOLD, boxes), limits)
             logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
         return logits, boxes
 
