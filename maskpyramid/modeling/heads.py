@@ -357,12 +357,13 @@ class RefineHead(nn.Module):
         boxes: torch.Tensor,
         batch: torch.Tensor,
         pooled_probs: torch.Tensor,
-        prior_logits: torch.Tensor,
+        prior_logits: Optional[torch.Tensor],
         classes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """features: the REFINE_FEATURES maps; boxes (K, 4) XYXY pixels of images ``batch``
         (K,); pooled_probs (K, 1, R/2, R/2): the pyramids' mask probabilities on the boxes;
-        prior_logits (K, R, R): their logits on the boxes (used when ``residual``); classes
+        prior_logits (K, R, R): their logits on the boxes (needed when ``residual``, else
+        unused and may be None); classes
         (K,): the class whose mask each row takes (needed with ``num_classes`` > 1). Returns
         (K, R, R) refined logits."""
         pooled = _pool_per_image(self.pooler, features, boxes, batch)
@@ -376,7 +377,11 @@ class RefineHead(nn.Module):
             out = out[torch.arange(len(out), device=out.device), classes]
         else:
             out = out[:, 0]
-        return prior_logits + out if self.residual else out
+        if not self.residual:
+            return out
+        if prior_logits is None:
+            raise ValueError("a residual refinement (REFINE_RESIDUAL) needs the prior logits")
+        return prior_logits + out
 
 
 class SemSegHead(nn.Module):

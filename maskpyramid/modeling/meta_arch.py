@@ -1087,7 +1087,9 @@ class MaskPyramid(nn.Module):
         pooled_probs = ROIAlign((r // 2, r // 2), 1.0 / stride, 0, aligned=True)(
             probs[:, None], rois
         )
-        prior = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(logits[:, None], rois)[:, 0]
+        prior = None  # the pyramid's own logits in the box: only a residual head adds to them
+        if self.refine_head.residual:
+            prior = ROIAlign((r, r), 1.0 / stride, 0, aligned=True)(logits[:, None], rois)[:, 0]
         maps = [features[f] for f in self.refine_features]
         return self.refine_head(maps, boxes, pyr.batch, pooled_probs, prior, classes)
 

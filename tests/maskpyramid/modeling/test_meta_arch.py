@@ -1021,7 +1021,8 @@ def test_refine_overlapping_pyramids_learn_the_instance_they_overlap(mp_cfg, bes
 @pytest.mark.parametrize("residual", [True, False])
 def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
     """REFINE_RESIDUAL: with the predictor forced to a constant c, the refined logits are the
-    pyramid's logits resampled into the box plus c (True), or c alone (False)."""
+    pyramid's logits resampled into the box plus c (True), or c alone (False, where the
+    pyramid's logits are not resampled into the box at all)."""
     cfg = mp_cfg(
         *mp(REFINE_RESOLUTION=8, REFINE_RESIDUAL=residual, SCORE_THRESH_TEST=0.0,
             REFINE_SCORE_THRESH=0.0)
@@ -1050,9 +1051,13 @@ def test_refine_residual_adds_to_the_pyramids_logits_or_not(mp_cfg, residual):
     model._refine = keep_output
     with torch.no_grad():
         model(_one_batch(cfg)[:1])
-    assert len(outputs) == 1 and len(priors[0]) and priors[0].abs().max() > 0
-    expected = priors[0] + 3.0 if residual else torch.full_like(priors[0], 3.0)
-    torch.testing.assert_close(outputs[0], expected)
+    assert len(outputs) == 1 and len(outputs[0])
+    if residual:
+        assert priors[0].abs().max() > 0
+        torch.testing.assert_close(outputs[0], priors[0] + 3.0)
+    else:  # the prior is not pooled at all
+        assert priors[0] is None
+        torch.testing.assert_close(outputs[0], torch.full((len(outputs[0]), 8, 8), 3.0))
 
 
 def _class_constant_refinement(model):
