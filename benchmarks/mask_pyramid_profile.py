@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Where MaskPyramid's inference time goes: milliseconds per image for each part of the model.
 
+A Mask R-CNN (detectron2's ``GeneralizedRCNN`` or ``ScratchMaskRCNN``) given instead is split
+the same way into its backbone, RPN and each module of its ROI heads (poolers, box head and
+predictor, mask head), so the two models' budgets can be set side by side.
+
 Forward hooks time the backbone (ResNet + FPN), the dense score head, each level's mask heads
 (split into the per-image part, the tower and first conv run once per image on the whole level,
 and the per-pyramid part, the convs on the pyramids' windows) and the pooled class head; "other"
@@ -12,6 +16,8 @@ operators of most CPU time (on a GPU, launch overhead and synchronisations show 
 Usage:
   python benchmarks/mask_pyramid_profile.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
       output/mp_long/model_final.pth [--images 50] [--dataset shapes_val] [--device cuda] [--ops 25]
+  python benchmarks/mask_pyramid_profile.py --model configs/shapes/mask_rcnn_R_18_FPN_long.yaml \
+      output/mask_rcnn_R_18_FPN_long/model_final.pth
 """
 
 import os
@@ -27,8 +33,19 @@ from models_side_by_side import load_mask_pyramid  # noqa: E402
 from maskpyramid.engine import Trainer  # noqa: E402
 
 
+def rcnn_parts(model):
+    """(label, module) pairs of a Mask R-CNN: backbone, RPN, each module of its ROI heads."""
+    out = [("backbone (ResNet + FPN)", model.backbone), ("RPN", model.proposal_generator)]
+    for name, module in model.roi_heads.named_children():
+        if any(True for _ in module.parameters()) or "pooler" in name:
+            out.append((f"ROI heads: {name}", module))
+    return out
+
+
 def parts(model):
     """(label, module) pairs to time; modules called more than once are summed."""
+    if not hasattr(model, "grow"):
+        return rcnn_parts(model)
     out = [("backbone (ResNet + FPN)", model.backbone), ("score head", model.score_head)]
     for kind, heads, names in (
         ("init", model.init_heads, model.in_features),
@@ -50,7 +67,10 @@ def parts(model):
 
 def main():
     args, cfg, model = load_mask_pyramid(
-        __doc__, 50, [("--ops", dict(type=int, default=0, help="profiler rows to print"))]
+        __doc__,
+        50,
+        [("--ops", dict(type=int, default=0, help="profiler rows to print"))],
+        other_models=True,
     )
     cuda = cfg.MODEL.DEVICE.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -75,7 +95,7 @@ def main():
         module.register_forward_pre_hook(pre(label))
         module.register_forward_hook(post(label))
     alive = defaultdict(list)
-    grow = model.grow
+    grow = getattr(model, "grow", None)
 
     def counting_grow(*a, **k):
         records = grow(*a, **k)
@@ -83,7 +103,8 @@ def main():
             alive[rec.name].append(len(rec.pyramids))
         return records
 
-    model.grow = counting_grow
+    if grow is not None:
+        model.grow = counting_grow
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
     total, n = 0.0, 0
@@ -115,9 +136,10 @@ def main():
     for label, s in list(spent.items()) + [("other", total - sum(spent.values()))]:
         print(f"| {label} | {1000 * s / n:.1f} | {100 * s / total:.0f}% |")
     print(f"| **total** | {1000 * total / n:.1f} | 100% |")
-    print("pyramids alive after each level (mean per image): " + ", ".join(
-        f"{k} {sum(v) / len(v):.1f}" for k, v in alive.items()
-    ))  # fmt: skip
+    if alive:
+        print("pyramids alive after each level (mean per image): " + ", ".join(
+            f"{k} {sum(v) / len(v):.1f}" for k, v in alive.items()
+        ))  # fmt: skip
     if profiler is not None:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))

@@ -50,10 +50,10 @@ def load(config_file, weights, *opts, device=None):
     return cfg, model.eval()
 
 
-def load_mask_pyramid(doc: str, images: int, extra_args=()):
+def load_mask_pyramid(doc: str, images: int, extra_args=(), other_models=False):
     """The command line of the MaskPyramid-only benchmarks (``--model CFG PTH --images N
     --dataset D --device DEV`` and ``extra_args``, (flag, add_argument kwargs) pairs): returns
-    (args, cfg, model); exits when the model is not a MaskPyramid."""
+    (args, cfg, model); exits when the model is not a MaskPyramid (unless ``other_models``)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", nargs=2, required=True, metavar=("CFG", "PTH"))
     parser.add_argument("--images", type=int, default=images)
@@ -63,7 +63,7 @@ def load_mask_pyramid(doc: str, images: int, extra_args=()):
         parser.add_argument(flag, **kwargs)
     args = parser.parse_args()
     cfg, model = load(*args.model, device=args.device)
-    if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid":
+    if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid" and not other_models:
         sys.exit(f"{args.model[0]}: META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}, "
                  "not MaskPyramid")  # fmt: skip
     return args, cfg, model
