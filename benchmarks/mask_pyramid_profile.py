@@ -36,10 +36,7 @@ from maskpyramid.engine import Trainer  # noqa: E402
 def rcnn_parts(model):
     """(label, module) pairs of a Mask R-CNN: backbone, RPN, each module of its ROI heads."""
     out = [("backbone (ResNet + FPN)", model.backbone), ("RPN", model.proposal_generator)]
-    for name, module in model.roi_heads.named_children():
-        if any(True for _ in module.parameters()) or "pooler" in name:
-            out.append((f"ROI heads: {name}", module))
-    return out
+    return out + [(f"ROI heads: {n}", m) for n, m in model.roi_heads.named_children()]
 
 
 def parts(model):

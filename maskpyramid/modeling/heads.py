@@ -363,9 +363,8 @@ class RefineHead(nn.Module):
         """features: the REFINE_FEATURES maps; boxes (K, 4) XYXY pixels of images ``batch``
         (K,); pooled_probs (K, 1, R/2, R/2): the pyramids' mask probabilities on the boxes;
         prior_logits (K, R, R): their logits on the boxes (needed when ``residual``, else
-        unused and may be None); classes
-        (K,): the class whose mask each row takes (needed with ``num_classes`` > 1). Returns
-        (K, R, R) refined logits."""
+        unused and may be None); classes (K,): the class whose mask each row takes (needed
+        with ``num_classes`` > 1). Returns (K, R, R) refined logits."""
         pooled = _pool_per_image(self.pooler, features, boxes, batch)
         out = self.mask_head.layers(torch.cat([pooled, pooled_probs], 1))
         if out.shape[1] > 1:
