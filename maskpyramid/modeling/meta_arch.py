@@ -496,6 +496,13 @@ class MaskPyramid(nn.Module):
         return records
 
     def _windows(self, base, boxes, batch, stride):
+        """(N, C, R, R) windows of ``base`` (B, C, H, W) over ``boxes`` of images ``batch``
+        (None: one box per map): detectron2's ROIAlign, by ``G.pool_windows`` on the CPU with
+        WINDOW_SAMPLING_RATIO 1 (the same samples, on every thread)."""
+        if self.window_sampling == 1 and base.device.type == "cpu":
+            return G.pool_windows(base, boxes, batch, self.window, 1.0 / stride)
+        if batch is None:
+            batch = torch.arange(len(boxes), device=boxes.device)
         rois = torch.cat([batch[:, None].to(boxes.dtype), boxes], 1)
         return ROIAlign(
             (self.window, self.window), 1.0 / stride, self.window_sampling, aligned=True
@@ -530,9 +537,8 @@ class MaskPyramid(nn.Module):
         boxes = self._support_or_root_boxes(
             probs, pyr.roots, stride, limits, self.mp.WINDOW_EPS, self.mp.WINDOW_MARGIN
         )
-        idx = torch.arange(len(pyr), device=f.device)
         pooled = self._windows(head.image_features(f), boxes, pyr.batch, stride)
-        prev_win = self._windows(pyr.logits[:, None], boxes, idx, prev_stride)
+        prev_win = self._windows(pyr.logits[:, None], boxes, None, prev_stride)
         cov = G.coverage(up_probs, pyr.batch, f.shape[0]) if self.extra >= 3 else None
         extras = torch.cat(
             [

@@ -1,7 +1,9 @@
 """growth.py: resampling by cell centres, windows, peaks, coverage, pruning and caps."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.layers import ROIAlign
 
 from maskpyramid.modeling import growth as G
 
@@ -161,3 +163,44 @@ def test_pyramids_boolean_index_is_one_synchronisation():
     for f in ("batch", "roots", "logits", "cls_logits", "territory", "iou_logits", "pseudo"):
         assert torch.equal(getattr(q, f), getattr(r, f)), f
     assert q.hidden is None and len(p[torch.zeros(n, dtype=torch.bool)]) == 0
+
+
+def _window_rois(counts, height, width, scale, seed):
+    """(K, 5) ROIAlign rows of images with ``counts`` boxes each: inside the map, straddling its
+    border, more than a cell beyond it, and of zero width."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, n in enumerate(counts):
+        size = torch.tensor([width, height], dtype=torch.float64) / scale
+        xy = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2) * size
+        wh = torch.rand(n, 2, generator=g, dtype=torch.float64) * size * 0.6
+        boxes = torch.cat([xy, xy + wh], 1)
+        if n > 2:
+            boxes[0, 2] = boxes[0, 0]
+            boxes[1] = torch.tensor([-30.0, -30.0, -20.0, 10.0])
+        rows.append(torch.cat([torch.full((n, 1), float(b), dtype=torch.float64), boxes], 1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("counts", [[7], [5, 0, 9], [1, 1]])
+def test_pool_windows_equals_roi_align_with_one_sample_per_bin_and_its_gradient(counts):
+    maps = torch.randn(len(counts), 6, 13, 17, dtype=torch.float64, requires_grad=True)
+    rois = _window_rois(counts, 13, 17, 0.25, seed=len(counts))
+    ref = ROIAlign((5, 5), 0.25, 1, aligned=True)(maps, rois)
+    out = G.pool_windows(maps, rois[:, 1:], rois[:, 0].long(), 5, 0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    weights = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), maps)
+    (g_out,) = torch.autograd.grad((out * weights).sum(), maps)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_pool_windows_one_box_per_map_and_no_boxes():
+    maps = torch.randn(4, 2, 9, 9, dtype=torch.float64)
+    rois = _window_rois([4], 9, 9, 0.5, seed=0)
+    rois[:, 0] = torch.arange(4.0)
+    ref = ROIAlign((4, 4), 0.5, 1, aligned=True)(maps, rois)
+    torch.testing.assert_close(G.pool_windows(maps, rois[:, 1:], None, 4, 0.5), ref)
+    with pytest.raises(ValueError, match="3 boxes for 4 maps"):
+        G.pool_windows(maps, rois[:3, 1:], None, 4, 0.5)
+    assert G.pool_windows(maps, rois[:0, 1:], None, 4, 0.5).shape == (0, 2, 4, 4)

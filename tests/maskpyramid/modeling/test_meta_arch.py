@@ -475,6 +475,47 @@ def test_window_sampling_ratio_reaches_roi_align(mp_cfg):
     assert not torch.allclose(windows[0], windows[1])  # adaptive: several points per bin
 
 
+@pytest.mark.parametrize("ratio", [0, 1, 2])
+def test_windows_pool_by_grid_sample_on_the_cpu_with_one_sample_per_bin(mp_cfg, monkeypatch, ratio):
+    """WINDOW_SAMPLING_RATIO 1 on the CPU: every window (features, the previous level's logits)
+    pooled by growth.pool_windows, and the outputs those of torchvision's kernel; other ratios
+    (and CUDA) keep ROIAlign."""
+    cfg = mp_cfg(*mp(WINDOW_SAMPLING_RATIO=ratio, SCORE_THRESH_TEST=0.0))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    data = _one_batch(cfg)
+    real = meta_arch.G.pool_windows
+    calls = []
+
+    def spy(maps, boxes, batch, size, scale):
+        calls.append(batch is None)
+        return real(maps, boxes, batch, size, scale)
+
+    monkeypatch.setattr(meta_arch.G, "pool_windows", spy)
+    with torch.no_grad():
+        fast = model(data)
+    if ratio != 1:
+        assert not calls
+        return
+    # the features' windows of the roots and of the growth, and each pyramid's own logits
+    assert False in calls and True in calls
+
+    def by_roi_align(maps, boxes, batch, size, scale):
+        if batch is None:
+            batch = torch.arange(len(boxes))
+        rois = torch.cat([batch[:, None].to(boxes.dtype), boxes], 1)
+        return meta_arch.ROIAlign((size, size), scale, 1, aligned=True)(maps, rois)
+
+    monkeypatch.setattr(meta_arch.G, "pool_windows", by_roi_align)
+    with torch.no_grad():
+        ref = model(data)
+    for a, b in zip(fast, ref):
+        a, b = a["instances"], b["instances"]
+        assert len(a) == len(b) > 0
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+        assert (a.pred_masks != b.pred_masks).float().mean() < 1e-3
+
+
 def test_class_negative_roots_are_capped_and_labelled_by_their_best_instance(mp_cfg, monkeypatch):
     n_neg = 3
     cfg = mp_cfg(
