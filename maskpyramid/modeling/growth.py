@@ -51,7 +51,8 @@ class Pyramids:
     classes: torch.Tensor  # (N,) class that picks class-specific mask channels
     target: torch.Tensor  # (N,) index of its instance in the batch (training), -1 for none
     pseudo: torch.Tensor  # (N,) bool: a pseudo pyramid (holds background, "uncovered" mode)
-    territory: torch.Tensor  # (N, H, W) bool: root cell dilated by one cell, carried down
+    # (N, H, W) bool: root cell dilated by one cell, carried down (None where nothing reads it)
+    territory: Optional[torch.Tensor]
     hidden: Optional[torch.Tensor] = None  # (N, D, R, R) last head features (GROW_SKIP)
     windows: Optional[torch.Tensor] = None  # (N, 4) XYXY window of the last head, pixels
     iou_logits: Optional[torch.Tensor] = None  # (N,) predicted mask IoU logit ("maskiou")

@@ -475,7 +475,11 @@ class MaskPyramid(nn.Module):
                 pyr = dataclasses.replace(
                     records[-1].pyramids[:0],
                     logits=f.new_zeros(0, H, W),
-                    territory=torch.zeros(0, H, W, dtype=torch.bool, device=f.device),
+                    territory=(
+                        torch.zeros(0, H, W, dtype=torch.bool, device=f.device)
+                        if self._keeps_territory()
+                        else None
+                    ),
                 )
             if spawned is None:  # read-out levels only grow
                 spawned = pyr.batch.new_zeros(0, 3)
@@ -494,6 +498,11 @@ class MaskPyramid(nn.Module):
                 )
             )
         return records
+
+    def _keeps_territory(self) -> bool:
+        """Whether the pyramids carry their territory: only the pseudo pyramids' loss in
+        training (SPAWN_MODE "uncovered" / "both") reads it."""
+        return self.training and self.spawn_mode != "peaks"
 
     def _windows(self, base, boxes, batch, stride):
         """(N, C, R, R) windows of ``base`` (B, C, H, W) over ``boxes`` of images ``batch``
@@ -555,13 +564,16 @@ class MaskPyramid(nn.Module):
         logits = G.soft_clamp(
             G.paste_windows(win_logits, boxes, size, stride, up), self.mp.LOGIT_CLAMP
         )
-        territory = G.resample_to_grid(pyr.territory.float(), prev_stride, size, stride) > 0.5
+        territory = None
+        if pyr.territory is not None:
+            territory = G.resample_to_grid(pyr.territory.float(), prev_stride, size, stride) > 0.5
         return G.Pyramids(
             batch=pyr.batch, roots=pyr.roots, root_level=pyr.root_level,
             root_stride=pyr.root_stride,
             logits=logits, cls_logits=pyr.cls_logits, scores=pyr.scores, classes=pyr.classes,
-            target=pyr.target, pseudo=pyr.pseudo, territory=territory, hidden=hidden,
-            windows=boxes, iou_logits=pyr.iou_logits,
+            target=pyr.target, pseudo=pyr.pseudo, territory=territory,
+            hidden=hidden if self.mp.GROW_SKIP else None, windows=boxes,
+            iou_logits=pyr.iou_logits,
         )  # fmt: skip
 
     def _resample_hidden(self, hidden, old_boxes, new_boxes):
@@ -633,13 +645,15 @@ class MaskPyramid(nn.Module):
         cls_logits = cls_map[b, :, i, j]
         iou_logits = iou_maps[lvl][b, i, j] if iou_maps[lvl] is not None else None
         # territory: the root cell dilated by one cell, on the mask level's grid
-        Hm, Wm = f.shape[-2:]
-        ys = (torch.arange(Hm, device=f.device) + 0.5) * self.strides[mask_lvl]
-        xs = (torch.arange(Wm, device=f.device) + 0.5) * self.strides[mask_lvl]
-        reach = 1.5 * root_stride
-        territory = ((ys[None, :, None] - roots[:, 1, None, None]).abs() < reach) & (
-            (xs[None, None, :] - roots[:, 0, None, None]).abs() < reach
-        )
+        territory = None
+        if self._keeps_territory():
+            Hm, Wm = f.shape[-2:]
+            ys = (torch.arange(Hm, device=f.device) + 0.5) * self.strides[mask_lvl]
+            xs = (torch.arange(Wm, device=f.device) + 0.5) * self.strides[mask_lvl]
+            reach = 1.5 * root_stride
+            territory = ((ys[None, :, None] - roots[:, 1, None, None]).abs() < reach) & (
+                (xs[None, None, :] - roots[:, 0, None, None]).abs() < reach
+            )
         new = self._init_masks(
             mask_lvl, lvl, f, base_init, head, b, roots,
             torch.full_like(scores, float(root_stride)),
@@ -674,7 +688,9 @@ class MaskPyramid(nn.Module):
         iou_logits = iou_map[b, i, j] if iou_map is not None else None
         Hm, Wm = f.shape[-2:]
         pseudo = torch.zeros_like(b, dtype=torch.bool)
-        territory = torch.zeros(len(b), Hm, Wm, dtype=torch.bool, device=dev)
+        territory = None
+        if self._keeps_territory():
+            territory = torch.zeros(len(b), Hm, Wm, dtype=torch.bool, device=dev)
         new = self._init_masks(
             mask_lvl, 0, f, base_init, head, b, roots, root_stride, cls_logits, scores, target,
             pseudo, territory, iou_logits, sizes, None, targets,
@@ -713,7 +729,8 @@ class MaskPyramid(nn.Module):
             batch=b, roots=roots, root_level=torch.full_like(b, lvl),
             root_stride=root_stride.float(),
             logits=logits, cls_logits=cls_logits, scores=scores, classes=classes, target=target,
-            pseudo=pseudo, territory=territory, hidden=hidden, windows=boxes,
+            pseudo=pseudo, territory=territory, hidden=hidden if mp.GROW_SKIP else None,
+            windows=boxes,
             iou_logits=iou_logits,
         )  # fmt: skip
 

@@ -516,6 +516,28 @@ def test_windows_pool_by_grid_sample_on_the_cpu_with_one_sample_per_bin(mp_cfg, 
         assert (a.pred_masks != b.pred_masks).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("spawn", ["peaks", "uncovered"])
+def test_territory_and_hidden_are_carried_only_where_read(mp_cfg, spawn):
+    """The territory (pseudo pyramids' loss) only in training with SPAWN_MODE uncovered / both,
+    the head features only with GROW_SKIP."""
+    for skip in (False, True):
+        cfg = mp_cfg(*mp(SPAWN_MODE=spawn, GROW_SKIP=skip))
+        model = build_model(cfg)
+        data = _one_batch(cfg)
+        records = _capture_records(model)
+        with EventStorage(0):
+            model(data)
+        model.eval()
+        with torch.no_grad():
+            model(data)
+        train, test = records
+        for rec in train:
+            assert (rec.pyramids.territory is not None) == (spawn != "peaks")
+        assert all(rec.pyramids.territory is None for rec in test)
+        for rec in train + test:
+            assert (rec.pyramids.hidden is not None) == skip
+
+
 def test_class_negative_roots_are_capped_and_labelled_by_their_best_instance(mp_cfg, monkeypatch):
     n_neg = 3
     cfg = mp_cfg(
