@@ -177,9 +177,10 @@ def pool_windows(
 
     On the CPU, where torchvision's ``roi_align`` kernel runs on one thread, this runs on all:
     the windows of each image are laid side by side in one ``grid_sample`` call (images with
-    fewer windows are padded). 2-3x faster for MaskPyramid's windows on 2 cores
-    (``benchmarks/roi_align.py``); with more samples per bin (``avg_pool2d`` of a finer grid)
-    it was slower than torchvision's kernel, so only this case is taken."""
+    fewer windows are padded). For MaskPyramid's windows on 2 cores, 2-3x faster forward and
+    forward + backward (``benchmarks/window_pooling.py``); with more samples per bin
+    (``avg_pool2d`` of a finer grid) it was slower than torchvision's kernel, so only this case
+    is taken."""
     n = boxes.shape[0]
     num_maps, channels, height, width = maps.shape
     if n == 0:
