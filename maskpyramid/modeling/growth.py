@@ -196,31 +196,23 @@ def pool_windows(
         ],
         -1,
     )
+
+    def sample(m, g):
+        return F.grid_sample(m, g, mode="bilinear", padding_mode="border", align_corners=False)
+
     if batch is None:  # one box per map
         if num_maps != n:
             raise ValueError(f"pool_windows: {n} boxes for {num_maps} maps and no batch index")
-        out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    elif num_maps == 1:  # no padding: the windows' rows one after the other
-        out = F.grid_sample(
-            maps,
-            grid.reshape(1, n * size, size, 2),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
+        out = sample(maps, grid)
+    elif num_maps == 1:  # no padding, no gather: the windows' rows one after the other
+        out = sample(maps, grid.reshape(1, n * size, size, 2))
         out = out.view(channels, n, size, size).transpose(0, 1)
     else:
         slot = rank_within_group(batch, torch.zeros_like(xs[:, 0]))
         per_map = int(torch.bincount(batch).max())
         padded = grid.new_zeros(num_maps, per_map, size, size, 2)
         padded[batch, slot] = grid
-        out = F.grid_sample(
-            maps,
-            padded.view(num_maps, per_map * size, size, 2),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
+        out = sample(maps, padded.view(num_maps, per_map * size, size, 2))
         out = out.view(num_maps, channels, per_map, size, size).transpose(1, 2)[batch, slot]
     # ROIAlign's sample coordinates (cells less 0.5) beyond one cell of the map give 0
     inside_x = (xs >= -0.5) & (xs <= width + 0.5)

@@ -686,11 +686,10 @@ class MaskPyramid(nn.Module):
         )
         root_stride = ((sizes[b, 0] / gh + sizes[b, 1] / gw) / 2).float()
         iou_logits = iou_map[b, i, j] if iou_map is not None else None
-        Hm, Wm = f.shape[-2:]
         pseudo = torch.zeros_like(b, dtype=torch.bool)
         territory = None
         if self._keeps_territory():
-            territory = torch.zeros(len(b), Hm, Wm, dtype=torch.bool, device=dev)
+            territory = torch.zeros(len(b), *f.shape[-2:], dtype=torch.bool, device=dev)
         new = self._init_masks(
             mask_lvl, 0, f, base_init, head, b, roots, root_stride, cls_logits, scores, target,
             pseudo, territory, iou_logits, sizes, None, targets,
