@@ -730,6 +730,21 @@ def test_nan_features_name_the_image(mp_cfg):
         model([x])
 
 
+def test_finite_check_names_the_level_and_tolerates_an_overflowing_sum(mp_cfg):
+    """The check sums each level first: a finite level whose float32 sum overflows passes, an
+    Inf (not only a NaN) is caught and named with its image id."""
+    model = build_model(mp_cfg())
+    n = len(model.mask_features)
+    inputs = [{"image_id": 11}, {"image_id": 22}]
+    huge = [torch.full((2, 4, 8, 8), 3e38) for _ in range(n)]
+    assert not torch.isfinite(huge[0].sum())
+    model._check_finite(huge, inputs)  # no error
+    feats = [torch.zeros(2, 4, 8, 8) for _ in range(n)]
+    feats[-1][1, 2, 3, 3] = -math.inf
+    with pytest.raises(FloatingPointError, match=rf"'{model.mask_features[-1]}'.*\[22\]"):
+        model._check_finite(feats, inputs)
+
+
 def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
     model = build_model(mp_cfg())
     with pytest.raises(ValueError, match="MaskPyramidDatasetMapper"):
