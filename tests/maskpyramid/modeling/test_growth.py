@@ -51,6 +51,29 @@ def test_support_boxes_and_empty_maps():
     torch.testing.assert_close(boxes[0], torch.tensor([0.0, 8, 32, 40]))
 
 
+@pytest.mark.parametrize("shape", [(7, 9, 13), (0, 5, 5), (2, 1, 1)])
+def test_mask_extents_and_support_boxes_match_the_cells_of_each_mask(shape):
+    """The extents (by rows' and columns' maxima) are the first and one past the last row and
+    column with a cell, 0 for empty masks; support_boxes takes the cells above eps."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(shape, generator=gen) ** 6
+    if shape[0]:
+        probs[0] = 0.0  # one empty map
+    masks = probs > 0.3
+    boxes, nonempty = G.mask_extents(masks)
+    want = torch.zeros(shape[0], 4, dtype=torch.long)
+    for i, m in enumerate(masks):
+        ys, xs = m.nonzero(as_tuple=True)
+        if len(ys):
+            want[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert torch.equal(boxes, want)
+    assert nonempty.tolist() == [bool(m.any()) for m in masks]
+    limits = torch.tensor([[0.0, 0.0, 1e4, 1e4]]).expand(shape[0], 4)
+    sboxes, snonempty = G.support_boxes(probs, 4, 0.3, 0, limits)
+    assert torch.equal(snonempty, nonempty)
+    torch.testing.assert_close(sboxes, want.float() * 4 * nonempty[:, None])
+
+
 def test_tight_boxes_are_the_masks_cells_on_their_boxes_and_empty_masks_keep_theirs():
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[0, 1:3, 2] = True  # rows 1-2, column 2 of a 4x4 grid on a 40 x 20 box
