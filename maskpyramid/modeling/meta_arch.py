@@ -282,6 +282,11 @@ class MaskPyramid(nn.Module):
             raise ValueError(
                 f"MODEL.MASK_PYRAMID.REFINE_PASSES must be >= 1, got {mp.REFINE_PASSES}"
             )
+        if mp.REFINE_PASS_MIN_SIZE < 0:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.REFINE_PASS_MIN_SIZE must be >= 0, got "
+                f"{mp.REFINE_PASS_MIN_SIZE}"
+            )
         if mp.REFINE_BOX == "regressed" and self.box_transform is None:
             raise ValueError(
                 "MODEL.MASK_PYRAMID.REFINE_BOX 'regressed' refines in the class head's regressed "
@@ -1080,7 +1085,7 @@ class MaskPyramid(nn.Module):
         "regressed" on the regressed box alone (a NaN row: the grown mask box alone).
         ``classes`` (K,): the class masks taken with REFINE_CLASS_SPECIFIC. With ``passes`` > 1
         (REFINE_PASSES, at inference), every pass after the first refines again in the tight box
-        of the previous pass's mask."""
+        of the previous pass's mask (with REFINE_PASS_MIN_SIZE, only where that box is as large)."""
         mp = self.mp
         boxes, probs = self._mask_boxes(pyr, stride, sizes)
         limits = G.image_boxes(sizes, pyr.batch)
@@ -1097,8 +1102,25 @@ class MaskPyramid(nn.Module):
         boxes = G.clip_boxes(torch.cat([low, high], 1), limits)
         logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
         for _ in range(int(passes) - 1):
-            boxes = G.clip_boxes(G.tight_boxes(logits.sigmoid() > mp.MASK_THRESHOLD, boxes), limits)
-            logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
+            tight = G.clip_boxes(G.tight_boxes(logits.sigmoid() > mp.MASK_THRESHOLD, boxes), limits)
+            if mp.REFINE_PASS_MIN_SIZE <= 0:
+                boxes = tight
+                logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
+                continue
+            # only the masks whose tight box is large enough are refined again; the others keep
+            # the previous pass's logits and box
+            side = (tight[:, 2:] - tight[:, :2]).prod(1).clamp(min=0).sqrt()
+            again = (side >= mp.REFINE_PASS_MIN_SIZE).nonzero().squeeze(1)
+            if not len(again):
+                break
+            logits = logits.index_copy(
+                0, again,
+                self._refine_in(
+                    pyr[again], stride, features, tight[again],
+                    classes[again] if classes is not None else None, probs[again],
+                ),
+            )  # fmt: skip
+            boxes = boxes.index_copy(0, again, tight[again])
         return logits, boxes
 
     def _refine_in(self, pyr, stride, features, boxes, classes=None, probs=None):

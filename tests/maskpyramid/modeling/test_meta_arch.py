@@ -90,6 +90,7 @@ KNOBS = {
     "refine_class_specific_residual": mp(REFINE_RESOLUTION=8, REFINE_CLASS_SPECIFIC=True),
     "refine_gt_boxes": mp(REFINE_RESOLUTION=8, REFINE_GT_BOXES=2, REFINE_GT_JITTER=0.2),
     "refine_passes": mp(REFINE_RESOLUTION=8, REFINE_PASSES=2),
+    "refine_pass_min_size": mp(REFINE_RESOLUTION=8, REFINE_PASSES=2, REFINE_PASS_MIN_SIZE=16),
     "refine_box_regressed": mp(
         REFINE_RESOLUTION=8,
         CLASS_HEAD="pooled",
@@ -805,6 +806,7 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(REFINE_BOX_REGRESSION=True, BOX_REG_HEAD="shared"), "BOX_REG_HEAD"),
         (mp(BOX_REG_CONTEXT=-0.1), "BOX_REG_CONTEXT"),
         (mp(REFINE_RESOLUTION=8, REFINE_PASSES=0), "REFINE_PASSES"),
+        (mp(REFINE_RESOLUTION=8, REFINE_PASS_MIN_SIZE=-1), "REFINE_PASS_MIN_SIZE"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -921,6 +923,61 @@ def test_refine_passes_refine_again_in_the_tight_box_of_the_previous_mask(mp_cfg
     out_boxes = sorted(inst.pred_boxes.tensor.tolist())
     for a, b in zip(sorted(calls[-1].mul(scale).round().tolist()), out_boxes):
         assert all(abs(u - v) <= 1.01 for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("min_size", ["median", "huge"])
+def test_refine_pass_min_size_refines_again_only_the_large_masks(mp_cfg, min_size):
+    """REFINE_PASS_MIN_SIZE: the second pass runs only on the masks whose tight box (after the
+    first pass) has a side (square root of its area) of at least the size; the others keep the
+    first pass's mask. None large enough: one pass only."""
+    cfg = mp_cfg(
+        *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
+            CLASSES_PER_PYRAMID=1, MIN_KEPT_FRACTION=0.0, NMS="none", REFINE_PASSES=2,
+            PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    data = _one_batch(cfg)[:1]
+    calls = []
+
+    def fake_refine_in(pyr, stride, features, boxes, classes=None, probs=None):
+        logits = torch.full((len(pyr), 8, 8), -10.0)
+        if not calls:  # the first pass: k x k cells from row 2, column 1; row 0 empty
+            for i in range(1, len(pyr)):
+                k = int(extent[i])
+                logits[i, 2 : 2 + k, 1 : 1 + k] = 10.0
+        else:
+            logits[:] = 10.0
+        calls.append(boxes.clone())
+        return logits
+
+    extent = 2 + torch.arange(1000) % 3 * 2  # 2, 4 or 6 cells
+    model._refine_in = fake_refine_in
+    with torch.no_grad():
+        model(data)  # the first pass's boxes, to pick the size
+    first = calls[0]
+    cell = (first[:, 2:] - first[:, :2]) / 8
+    k = extent[: len(first), None].float()
+    tight = torch.cat([first[:, :2] + cell * torch.tensor([1.0, 2.0]),
+                       first[:, :2] + cell * (torch.tensor([1.0, 2.0]) + k)], 1)  # fmt: skip
+    tight[0] = first[0]  # the empty mask keeps its box
+    side = (tight[:, 2:] - tight[:, :2]).prod(1).sqrt()
+    assert len(side) >= 3 and side.max() > side.min()
+    size = int(side[1:].median()) if min_size == "median" else int(side.max()) + 1
+    cfg.defrost()
+    cfg.MODEL.MASK_PYRAMID.REFINE_PASS_MIN_SIZE = size
+    model.mp = cfg.MODEL.MASK_PYRAMID
+    calls.clear()
+    with torch.no_grad():
+        inst = model(data)[0]["instances"]
+    large = side >= size
+    if min_size == "huge":
+        assert len(calls) == 1
+    else:
+        assert len(calls) == 2 and 0 < int(large.sum()) < len(side)
+        torch.testing.assert_close(calls[1], tight[large])
+    # every non-empty mask is output: the first pass's, or the second's, which fills its box
+    assert len(inst) == len(side) - 1 + int(large[0])
 
 
 def test_refine_loss_learns_the_ground_truth_in_the_box_on_capped_positives(mp_cfg):
