@@ -89,7 +89,7 @@ KNOBS = {
     ),
     "refine_class_specific_residual": mp(REFINE_RESOLUTION=8, REFINE_CLASS_SPECIFIC=True),
     "refine_gt_boxes": mp(REFINE_RESOLUTION=8, REFINE_GT_BOXES=2, REFINE_GT_JITTER=0.2),
-    "refine_passes": mp(REFINE_RESOLUTION=8, REFINE_PASSES=2),
+    "refine_passes": mp(REFINE_RESOLUTION=8, REFINE_PASSES=2, REFINE_PASS_MIN_SIZE=0),
     "refine_pass_min_size": mp(REFINE_RESOLUTION=8, REFINE_PASSES=2, REFINE_PASS_MIN_SIZE=16),
     "refine_box_regressed": mp(
         REFINE_RESOLUTION=8,
@@ -889,7 +889,7 @@ def test_refine_passes_refine_again_in_the_tight_box_of_the_previous_mask(mp_cfg
     cfg = mp_cfg(
         *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
             CLASSES_PER_PYRAMID=1, MIN_KEPT_FRACTION=0.0, NMS="none", REFINE_PASSES=passes,
-            PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+            REFINE_PASS_MIN_SIZE=0, PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg).eval()
