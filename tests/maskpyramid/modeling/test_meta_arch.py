@@ -880,20 +880,24 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
         assert len(model(data)[0]["instances"]) == 0
 
 
-@pytest.mark.parametrize("passes", [1, 2, 3])
-def test_refine_passes_refine_again_in_the_tight_box_of_the_previous_mask(mp_cfg, passes):
-    """REFINE_PASSES: at inference each further pass refines in the box of the previous
-    pass's mask cells (probability > MASK_THRESHOLD) on its box; an empty mask keeps its box.
-    The outputs are the last pass's masks."""
-    # every local peak a root and no pruning: several pyramids from the untrained model
+def _refine_passes_model(mp_cfg, passes):
+    """An untrained model with REFINE_PASSES ``passes`` (REFINE_PASS_MIN_SIZE 0) whose every
+    local peak is a root and nothing is pruned (several pyramids), and one image."""
     cfg = mp_cfg(
         *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
             CLASSES_PER_PYRAMID=1, MIN_KEPT_FRACTION=0.0, NMS="none", REFINE_PASSES=passes,
             REFINE_PASS_MIN_SIZE=0, PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
     )  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    data = _one_batch(cfg)[:1]
+    return cfg, build_model(cfg).eval(), _one_batch(cfg)[:1]
+
+
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_refine_passes_refine_again_in_the_tight_box_of_the_previous_mask(mp_cfg, passes):
+    """REFINE_PASSES: at inference each further pass refines in the box of the previous
+    pass's mask cells (probability > MASK_THRESHOLD) on its box; an empty mask keeps its box.
+    The outputs are the last pass's masks."""
+    cfg, model, data = _refine_passes_model(mp_cfg, passes)
     calls = []
 
     def fake_refine_in(pyr, stride, features, boxes, classes=None, probs=None):
@@ -930,14 +934,7 @@ def test_refine_pass_min_size_refines_again_only_the_large_masks(mp_cfg, min_siz
     """REFINE_PASS_MIN_SIZE: the second pass runs only on the masks whose tight box (after the
     first pass) has a side (square root of its area) of at least the size; the others keep the
     first pass's mask. None large enough: one pass only."""
-    cfg = mp_cfg(
-        *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
-            CLASSES_PER_PYRAMID=1, MIN_KEPT_FRACTION=0.0, NMS="none", REFINE_PASSES=2,
-            PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    data = _one_batch(cfg)[:1]
+    cfg, model, data = _refine_passes_model(mp_cfg, 2)
     calls = []
 
     def fake_refine_in(pyr, stride, features, boxes, classes=None, probs=None):
@@ -954,7 +951,7 @@ def test_refine_pass_min_size_refines_again_only_the_large_masks(mp_cfg, min_siz
     extent = 2 + torch.arange(1000) % 3 * 2  # 2, 4 or 6 cells
     model._refine_in = fake_refine_in
     with torch.no_grad():
-        model(data)  # the first pass's boxes, to pick the size
+        model(data)  # the first pass's boxes (every mask refined twice), to pick the size
     first = calls[0]
     cell = (first[:, 2:] - first[:, :2]) / 8
     k = extent[: len(first), None].float()
