@@ -1103,14 +1103,15 @@ class MaskPyramid(nn.Module):
         logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
         for _ in range(int(passes) - 1):
             tight = G.clip_boxes(G.tight_boxes(logits.sigmoid() > mp.MASK_THRESHOLD, boxes), limits)
-            if mp.REFINE_PASS_MIN_SIZE <= 0:
-                boxes = tight
-                logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
-                continue
             # only the masks whose tight box is large enough are refined again; the others keep
             # the previous pass's logits and box
             side = (tight[:, 2:] - tight[:, :2]).prod(1).clamp(min=0).sqrt()
-            again = (side >= mp.REFINE_PASS_MIN_SIZE).nonzero().squeeze(1)
+            large = side >= mp.REFINE_PASS_MIN_SIZE
+            if bool(large.all()):  # every mask (always with REFINE_PASS_MIN_SIZE 0): no gather
+                boxes = tight
+                logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
+                continue
+            again = large.nonzero().squeeze(1)
             if not len(again):
                 break
             logits = logits.index_copy(
