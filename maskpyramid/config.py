@@ -75,7 +75,12 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # log's: pixels no pyramid covers with probability >= LOW_THRESHOLD; non-positive pyramids
     # become pseudo pyramids holding background), or "both"
     mp.SPAWN_MODE = "peaks"
+    # in training (where "peaks" spawns the positives and CLASS_NEGATIVE_ROOTS of the peaks) ...
     mp.PEAK_THRESHOLD = 0.05
+    # ... and at inference, where every peak above it becomes a root. A pyramid's score is at
+    # most its root's (except with CLASS_HEAD "pooled" and CLASS_SCORE_ROOT False): a higher
+    # value grows fewer pyramids, faster, and loses outputs scored below it
+    mp.PEAK_THRESHOLD_TEST = 0.05
     # roots of the first level: "all" (every pixel, capped by score) or "peaks"
     mp.FIRST_LEVEL_ROOTS = "all"
     # a fixed root grid [rows, cols] for the first level (e.g. [7, 10]); [] = its pixel grid

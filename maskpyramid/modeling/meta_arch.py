@@ -613,7 +613,8 @@ class MaskPyramid(nn.Module):
         else:
             cand = torch.zeros_like(root_valid)
             if lvl == 0 or self.spawn_mode in ("peaks", "both"):
-                cand |= G.local_peaks(score_map, mp.PEAK_THRESHOLD) & root_valid
+                peak = mp.PEAK_THRESHOLD if self.training else mp.PEAK_THRESHOLD_TEST
+                cand |= G.local_peaks(score_map, peak) & root_valid
             if uncovered is not None:  # growth on: the root grid is the mask grid
                 cand |= uncovered
         is_pos = torch.zeros_like(cand)

@@ -16,6 +16,7 @@ from detectron2.utils.events import EventStorage
 
 from maskpyramid.engine.trainer import Trainer
 from maskpyramid.modeling import meta_arch
+from maskpyramid.modeling.growth import local_peaks
 from maskpyramid.modeling.targets import TargetParams, prepare_pyramid_targets
 
 CONFIG = "configs/shapes/mask_pyramid_R_18_FPN.yaml"
@@ -115,6 +116,7 @@ KNOBS = {
     "extra_channels_3": mp(EXTRA_CHANNELS=3, SPAWN_MODE="both"),
     "start_grid_2x4": mp(START_GRID=[2, 4]),
     "first_level_peaks": mp(FIRST_LEVEL_ROOTS="peaks"),
+    "peak_threshold_test": mp(PEAK_THRESHOLD_TEST=0.5),
     "low_threshold": mp(LOW_THRESHOLD=0.4),
     "topk_keep_1": mp(TOPK_KEEP=1),
     "heads_shared": mp(HEAD_SHARING="shared"),
@@ -707,9 +709,8 @@ def test_refine_on_bad_input(mp_cfg):
 
 @pytest.mark.parametrize("readout", [[], ["p2"]])
 def test_every_pyramid_pruned_gives_empty_output(mp_cfg, readout):
-    cfg = mp_cfg("MODEL.MASK_PYRAMID.LOW_THRESHOLD", 1.0, "MODEL.MASK_PYRAMID.PEAK_THRESHOLD", 1.0,
-                 "MODEL.MASK_PYRAMID.SCORE_THRESH_TEST", 0.0,
-                 "MODEL.MASK_PYRAMID.READOUT_FEATURES", readout)  # fmt: skip
+    cfg = mp_cfg(*mp(LOW_THRESHOLD=1.0, PEAK_THRESHOLD_TEST=1.0, SCORE_THRESH_TEST=0.0,
+                     READOUT_FEATURES=readout))  # fmt: skip
     model = build_model(cfg).eval()
     records = _capture_records(model)
     with torch.no_grad():
@@ -880,13 +881,69 @@ def test_refine_reads_the_masks_out_in_their_grown_boxes(mp_cfg):
         assert len(model(data)[0]["instances"]) == 0
 
 
+def test_peak_threshold_test_picks_the_roots_at_inference_and_peak_threshold_in_training(
+    mp_cfg,
+):
+    """At inference every 3x3 peak of the root-score map above PEAK_THRESHOLD_TEST is a root
+    (levels after the first; nothing capped); in training PEAK_THRESHOLD gates the peaks that
+    may be class negatives (CLASS_NEGATIVE_ROOTS), whatever PEAK_THRESHOLD_TEST."""
+    cfg = mp_cfg(*mp(PEAK_THRESHOLD=1.0, PEAK_THRESHOLD_TEST=0.0, MAX_PYRAMIDS=1000))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    seen = []
+    grow = model.grow
+
+    def spy(feats, cls_maps, *args, **kwargs):
+        records = grow(feats, cls_maps, *args, **kwargs)
+        seen.append(([m.sigmoid().amax(1) for m in cls_maps], records))
+        return records
+
+    model.grow = spy
+    image = [_input(_noise(64, 64), [])]
+    model.eval()
+    with torch.no_grad():
+        model(image)
+    levels = range(1, model.n_root)
+    score_maps = seen[-1][0]
+    peaks = torch.cat([score_maps[lvl][local_peaks(score_maps[lvl], 0.0)]
+                       for lvl in levels])  # fmt: skip
+    threshold = float(peaks.median())
+    cfg.defrost()
+    cfg.MODEL.MASK_PYRAMID.PEAK_THRESHOLD_TEST = threshold
+    model.mp = cfg.MODEL.MASK_PYRAMID
+    with torch.no_grad():
+        model(image)
+    score_maps, records = seen[-1]
+    roots = 0
+    for lvl in levels:
+        want = local_peaks(score_maps[lvl], threshold).nonzero()
+        assert torch.equal(records[lvl].spawned, want)
+        roots += len(want)
+    assert 0 < roots < len(peaks)
+
+    # training: PEAK_THRESHOLD 1.0 leaves no peak to be a class negative; 0.0 does
+    data = _one_batch(cfg)
+    negatives = {}
+    for value in (1.0, 0.0):
+        cfg.MODEL.MASK_PYRAMID.PEAK_THRESHOLD = value
+        model.mp = cfg.MODEL.MASK_PYRAMID
+        model.train()
+        with EventStorage(0):
+            model(data)
+        negatives[value] = sum(
+            int(((r.pyramids.root_level == r.level) & (r.pyramids.target < 0)).sum())
+            for r in seen[-1][1][1 : model.n_root]
+        )  # fmt: skip
+    assert negatives[1.0] == 0 < negatives[0.0]
+
+
 def _refine_passes_model(mp_cfg, passes):
     """An untrained model with REFINE_PASSES ``passes`` (REFINE_PASS_MIN_SIZE 0) whose every
     local peak is a root and nothing is pruned (several pyramids), and one image."""
     cfg = mp_cfg(
         *mp(REFINE_RESOLUTION=8, SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0,
             CLASSES_PER_PYRAMID=1, MIN_KEPT_FRACTION=0.0, NMS="none", REFINE_PASSES=passes,
-            REFINE_PASS_MIN_SIZE=0, PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+            REFINE_PASS_MIN_SIZE=0, PEAK_THRESHOLD_TEST=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
     )  # fmt: skip
     torch.manual_seed(0)
     return cfg, build_model(cfg).eval(), _one_batch(cfg)[:1]
@@ -1238,7 +1295,7 @@ def test_refine_class_specific_reads_out_each_pyramids_best_class_mask(mp_cfg):
             SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0, CLASSES_PER_PYRAMID=1, NMS="none",
             MIN_KEPT_FRACTION=0.0, PAINTED_OUTPUT=False),
         # every local peak a root and no pruning: pyramids of several classes
-        *mp(PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
+        *mp(PEAK_THRESHOLD_TEST=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000),
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -1342,7 +1399,7 @@ def test_refine_box_is_the_grown_mask_box_where_nothing_was_regressed(mp_cfg, bo
     # every local peak a root and no pruning: several pyramids from the untrained model
     cfg = mp_cfg(
         *BOX_REGRESSION,
-        *mp(PEAK_THRESHOLD=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000, REFINE_BOX=box),
+        *mp(PEAK_THRESHOLD_TEST=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000, REFINE_BOX=box),
     )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
