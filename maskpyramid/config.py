@@ -39,6 +39,9 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # scores): the resolution the final masks are read out at, e.g. ["p2"] (stride 4); [] = the
     # last level of IN_FEATURES. STAGE_ITERS and LEVEL_LOSS_WEIGHTS count these levels too.
     mp.READOUT_FEATURES = []
+    # False: inference stops at the last level of IN_FEATURES and reads the masks out there (the
+    # class head and the refinement pool them at its stride); READOUT_FEATURES then only train
+    mp.READOUT_TEST = True
     # iteration from which each level of IN_FEATURES is trained (staged training, coarse levels
     # first); before it, growth stops at the previous level. [] = every level from the start
     mp.STAGE_ITERS = []

@@ -126,6 +126,8 @@ class MaskPyramid(nn.Module):
         self.growth = bool(mp.GROWTH)
         n_levels = len(self.mask_features)
         self.n_root = len(self.in_features)
+        # levels grown at inference: READOUT_TEST False stops at the last root level
+        self.test_levels = n_levels if mp.READOUT_TEST else self.n_root
         self.stage_iters = list(mp.STAGE_ITERS) or [0] * n_levels
         self.level_weights = list(mp.LEVEL_LOSS_WEIGHTS) or [1.0] * n_levels
         for key, value in (
@@ -337,7 +339,7 @@ class MaskPyramid(nn.Module):
         features = self.backbone(images.tensor)
         feats = [features[f] for f in self.mask_features]
         self._check_finite(feats, batched_inputs)
-        n_on = self._levels_on() if self.training else len(feats)
+        n_on = self._levels_on() if self.training else self.test_levels
         score_levels = feats[: min(n_on, self.n_root)] if self.growth else feats[:1]
         cls_maps, iou_maps = self.score_head(score_levels)
         if not self.training:

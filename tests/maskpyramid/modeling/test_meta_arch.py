@@ -117,6 +117,7 @@ KNOBS = {
     "start_grid_2x4": mp(START_GRID=[2, 4]),
     "first_level_peaks": mp(FIRST_LEVEL_ROOTS="peaks"),
     "peak_threshold_test": mp(PEAK_THRESHOLD_TEST=0.5),
+    "readout_test_off": mp(READOUT_TEST=False),
     "low_threshold": mp(LOW_THRESHOLD=0.4),
     "topk_keep_1": mp(TOPK_KEEP=1),
     "heads_shared": mp(HEAD_SHARING="shared"),
@@ -935,6 +936,43 @@ def test_peak_threshold_test_picks_the_roots_at_inference_and_peak_threshold_in_
             for r in seen[-1][1][1 : model.n_root]
         )  # fmt: skip
     assert negatives[1.0] == 0 < negatives[0.0]
+
+
+def test_readout_test_off_reads_out_on_the_last_root_level_at_inference(mp_cfg):
+    """READOUT_TEST False: inference grows the pyramids through IN_FEATURES only and reads them
+    out there (the same outputs as the full growth's p3 record read out); training still grows
+    into READOUT_FEATURES and reports their loss."""
+    cfg = mp_cfg(*mp(SCORE_THRESH_TEST=0.0, REFINE_SCORE_THRESH=0.0))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    data = _one_batch(cfg)
+    records = _capture_records(model)
+    with torch.no_grad():
+        full = model(data)
+    assert [r.name for r in records[-1]] == ["p6", "p5", "p4", "p3", "p2"]
+    p3 = records[-1][3]
+    with torch.no_grad():
+        images = model.preprocess_image(data)
+        want = model.inference(p3, data, images.image_sizes, model.backbone(images.tensor))
+    cfg.defrost()
+    cfg.MODEL.MASK_PYRAMID.READOUT_TEST = False
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    records = _capture_records(model)
+    with torch.no_grad():
+        got = model(data)
+    assert [r.name for r in records[-1]] == ["p6", "p5", "p4", "p3"]
+    assert sum(len(o["instances"]) for o in got) > 0
+    for g, w, f in zip(got, want, full):
+        g, w = g["instances"], w["instances"]
+        assert len(g) == len(w)
+        assert torch.equal(g.pred_masks, w.pred_masks)
+        assert torch.allclose(g.scores, w.scores)
+        assert g.pred_masks.shape[1:] == f["instances"].pred_masks.shape[1:]
+    model.train()
+    with EventStorage(0):
+        losses = model(data)
+    assert "loss_mask_p2" in losses and [r.name for r in records[-1]][-1] == "p2"
 
 
 def _refine_passes_model(mp_cfg, passes):
