@@ -42,6 +42,11 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
     # False: inference stops at the last level of IN_FEATURES and reads the masks out there (the
     # class head and the refinement pool them at its stride); READOUT_FEATURES then only train
     mp.READOUT_TEST = True
+    # at inference, only the pyramids whose mask box (probability > 0.5 on the previous level)
+    # has a side (square root of its area, input pixels) below this grow into READOUT_FEATURES
+    # by the mask-grow head; the larger ones are upsampled (0 = every pyramid grows). Training
+    # grows them all
+    mp.READOUT_GROW_MAX_SIZE = 0
     # iteration from which each level of IN_FEATURES is trained (staged training, coarse levels
     # first); before it, growth stops at the previous level. [] = every level from the start
     mp.STAGE_ITERS = []

@@ -284,6 +284,11 @@ class MaskPyramid(nn.Module):
             raise ValueError(
                 f"MODEL.MASK_PYRAMID.REFINE_PASSES must be >= 1, got {mp.REFINE_PASSES}"
             )
+        if mp.READOUT_GROW_MAX_SIZE < 0:
+            raise ValueError(
+                "MODEL.MASK_PYRAMID.READOUT_GROW_MAX_SIZE must be >= 0, got "
+                f"{mp.READOUT_GROW_MAX_SIZE}"
+            )
         if mp.REFINE_PASS_MIN_SIZE < 0:
             raise ValueError(
                 "MODEL.MASK_PYRAMID.REFINE_PASS_MIN_SIZE must be >= 0, got "
@@ -463,7 +468,10 @@ class MaskPyramid(nn.Module):
             if pyr is not None and not len(pyr):
                 pyr = None  # every pyramid pruned: finer levels start afresh
             if pyr is not None:
-                pyr = self._grow_existing(
+                grow = self._grow_existing
+                if lvl >= self.n_root and not self.training and self.mp.READOUT_GROW_MAX_SIZE:
+                    grow = self._grow_or_upsample  # read-out levels at inference
+                pyr = grow(
                     pyr, f, self._head(self.grow_heads, mask_lvl),
                     self.strides[records[-1].level], stride, (H, W), valid, sizes,
                 )  # fmt: skip
@@ -586,6 +594,31 @@ class MaskPyramid(nn.Module):
             hidden=hidden if self.mp.GROW_SKIP else None, windows=boxes,
             iou_logits=pyr.iou_logits,
         )  # fmt: skip
+
+    def _grow_or_upsample(self, pyr, f, head, prev_stride, stride, size, valid, sizes):
+        """``_grow_existing`` for the pyramids whose mask box on the previous level has a side
+        below READOUT_GROW_MAX_SIZE; the others are upsampled (and soft-clamped, as the growth
+        does outside its windows), keeping their window and head features."""
+        boxes, _ = self._mask_boxes(pyr, prev_stride, sizes)
+        side = (boxes[:, 2:] - boxes[:, :2]).prod(1).clamp(min=0).sqrt()
+        small = side < self.mp.READOUT_GROW_MAX_SIZE
+        if bool(small.all()):
+            return self._grow_existing(pyr, f, head, prev_stride, stride, size, valid, sizes)
+        up = G.resample_to_grid(pyr.logits, prev_stride, size, stride)
+        out = dataclasses.replace(pyr, logits=G.soft_clamp(up, self.mp.LOGIT_CLAMP))
+        idx = small.nonzero().squeeze(1)
+        if not len(idx):
+            return out
+        grown = self._grow_existing(pyr[idx], f, head, prev_stride, stride, size, valid, sizes)
+        hidden = None
+        if grown.hidden is not None:
+            hidden = pyr.hidden.index_copy(0, idx, grown.hidden)
+        return dataclasses.replace(
+            out,
+            logits=out.logits.index_copy(0, idx, grown.logits),
+            windows=pyr.windows.index_copy(0, idx, grown.windows),
+            hidden=hidden,
+        )
 
     def _resample_hidden(self, hidden, old_boxes, new_boxes):
         """The coarser level's head features, moved from the old window into the new one

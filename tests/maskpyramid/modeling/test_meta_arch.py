@@ -118,6 +118,7 @@ KNOBS = {
     "first_level_peaks": mp(FIRST_LEVEL_ROOTS="peaks"),
     "peak_threshold_test": mp(PEAK_THRESHOLD_TEST=0.5),
     "readout_test_off": mp(READOUT_TEST=False),
+    "readout_grow_max_size": mp(READOUT_GROW_MAX_SIZE=24),
     "low_threshold": mp(LOW_THRESHOLD=0.4),
     "topk_keep_1": mp(TOPK_KEEP=1),
     "heads_shared": mp(HEAD_SHARING="shared"),
@@ -809,6 +810,7 @@ def test_training_without_the_mapper_is_a_clear_error(mp_cfg):
         (mp(BOX_REG_CONTEXT=-0.1), "BOX_REG_CONTEXT"),
         (mp(REFINE_RESOLUTION=8, REFINE_PASSES=0), "REFINE_PASSES"),
         (mp(REFINE_RESOLUTION=8, REFINE_PASS_MIN_SIZE=-1), "REFINE_PASS_MIN_SIZE"),
+        (mp(READOUT_GROW_MAX_SIZE=-1), "READOUT_GROW_MAX_SIZE"),
     ],
 )
 def test_bad_config_names_the_key(mp_cfg, opts, match):
@@ -973,6 +975,51 @@ def test_readout_test_off_reads_out_on_the_last_root_level_at_inference(mp_cfg):
     with EventStorage(0):
         losses = model(data)
     assert "loss_mask_p2" in losses and [r.name for r in records[-1]][-1] == "p2"
+
+
+def test_readout_grow_max_size_grows_the_small_pyramids_and_upsamples_the_large(mp_cfg):
+    """READOUT_GROW_MAX_SIZE: at inference the pyramids whose mask box on p3 has a side below
+    it grow into p2 as without the key; the others are p3's logits upsampled and soft-clamped.
+    Training grows them all."""
+    opts = mp(PEAK_THRESHOLD_TEST=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000, MAX_PYRAMIDS=1000)
+    cfg = mp_cfg(*opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = [_input(_noise(160, 160), [])]  # boxes of several sizes: the image limits some
+    records = _capture_records(model)
+    with torch.no_grad():
+        model(image)
+    p3, p2 = records[-1][3], records[-1][4]
+    boxes, _ = model._mask_boxes(p3.pyramids, p3.stride, model._sizes([(160, 160)]))
+    side = (boxes[:, 2:] - boxes[:, :2]).prod(1).sqrt()
+    limit = float(side.median())
+    small = side < limit
+    assert 0 < int(small.sum()) < len(side) and len(p2.pyramids) == len(side)
+
+    cfg.defrost()
+    cfg.MODEL.MASK_PYRAMID.READOUT_GROW_MAX_SIZE = limit
+    model.mp = cfg.MODEL.MASK_PYRAMID
+    with torch.no_grad():
+        model(image)
+    got = records[-1][4].pyramids.logits
+    assert torch.equal(records[-1][3].pyramids.logits, p3.pyramids.logits)
+    torch.testing.assert_close(got[small], p2.pyramids.logits[small])
+    up = meta_arch.G.resample_to_grid(p3.pyramids.logits, p3.stride, got.shape[-2:], p2.stride)
+    want = meta_arch.G.soft_clamp(up, cfg.MODEL.MASK_PYRAMID.LOGIT_CLAMP)[~small]
+    torch.testing.assert_close(got[~small], want)
+    assert not torch.allclose(got[~small], p2.pyramids.logits[~small])
+
+    # training: every pyramid grows, whatever the key (1 pixel would upsample them all)
+    data = _one_batch(cfg)
+    model.train()
+    grown = {}
+    for value in (0, 1.0):
+        cfg.MODEL.MASK_PYRAMID.READOUT_GROW_MAX_SIZE = value
+        model.mp = cfg.MODEL.MASK_PYRAMID
+        torch.manual_seed(1)
+        with EventStorage(0):
+            grown[value] = model(data)["loss_mask_p2"]
+    assert torch.equal(grown[0], grown[1.0])
 
 
 def _refine_passes_model(mp_cfg, passes):
