@@ -982,7 +982,7 @@ def test_readout_grow_max_size_grows_the_small_pyramids_and_upsamples_the_large(
     it grow into p2 as without the key; the others are p3's logits upsampled and soft-clamped.
     Training grows them all."""
     opts = mp(PEAK_THRESHOLD_TEST=0.0, LOW_THRESHOLD=0.0, TOPK_KEEP=1000, MAX_PYRAMIDS=1000)
-    cfg = mp_cfg(*opts)
+    cfg = mp_cfg(*opts, *mp(READOUT_GROW_MAX_SIZE=0))
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     image = [_input(_noise(160, 160), [])]  # boxes of several sizes: the image limits some
