@@ -230,6 +230,11 @@ def image_boxes(image_sizes, index: torch.Tensor) -> torch.Tensor:
     return torch.stack([zeros, zeros, hw[:, 1], hw[:, 0]], 1)
 
 
+def box_sides(boxes: torch.Tensor) -> torch.Tensor:
+    """(N,) side of each (N, 4) box as COCO sizes objects: the square root of its area."""
+    return (boxes[:, 2:] - boxes[:, :2]).prod(1).clamp(min=0).sqrt()
+
+
 def centred_boxes(centres: torch.Tensor, side: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
     """Square boxes of ``side`` (N,) around ``centres`` (N, 2), shifted inside ``limits`` (N, 4)
     (when the image is smaller than the side, the box is the image)."""

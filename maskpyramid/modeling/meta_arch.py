@@ -556,9 +556,11 @@ class MaskPyramid(nn.Module):
             return logits[:, 0]
         return logits[torch.arange(len(classes), device=logits.device), classes]
 
-    def _grow_existing(self, pyr, f, head, prev_stride, stride, size, valid, sizes):
-        """Upsample each surviving pyramid to this level and refine it inside its window."""
-        up = G.resample_to_grid(pyr.logits, prev_stride, size, stride)
+    def _grow_existing(self, pyr, f, head, prev_stride, stride, size, valid, sizes, up=None):
+        """Upsample each surviving pyramid to this level and refine it inside its window
+        (``up``: the pyramids' logits already upsampled, when the caller has them)."""
+        if up is None:
+            up = G.resample_to_grid(pyr.logits, prev_stride, size, stride)
         limits = G.image_boxes(sizes, pyr.batch)
         up_probs = up.sigmoid()
         probs = up_probs * valid[pyr.batch]
@@ -600,16 +602,17 @@ class MaskPyramid(nn.Module):
         below READOUT_GROW_MAX_SIZE; the others are upsampled (and soft-clamped, as the growth
         does outside its windows), keeping their window and head features."""
         boxes, _ = self._mask_boxes(pyr, prev_stride, sizes)
-        side = (boxes[:, 2:] - boxes[:, :2]).prod(1).clamp(min=0).sqrt()
-        small = side < self.mp.READOUT_GROW_MAX_SIZE
-        if bool(small.all()):
-            return self._grow_existing(pyr, f, head, prev_stride, stride, size, valid, sizes)
+        small = G.box_sides(boxes) < self.mp.READOUT_GROW_MAX_SIZE
         up = G.resample_to_grid(pyr.logits, prev_stride, size, stride)
+        if bool(small.all()):
+            return self._grow_existing(pyr, f, head, prev_stride, stride, size, valid, sizes, up)
         out = dataclasses.replace(pyr, logits=G.soft_clamp(up, self.mp.LOGIT_CLAMP))
         idx = small.nonzero().squeeze(1)
         if not len(idx):
             return out
-        grown = self._grow_existing(pyr[idx], f, head, prev_stride, stride, size, valid, sizes)
+        grown = self._grow_existing(
+            pyr[idx], f, head, prev_stride, stride, size, valid, sizes, up[idx]
+        )
         hidden = None
         if grown.hidden is not None:
             hidden = pyr.hidden.index_copy(0, idx, grown.hidden)
@@ -1141,8 +1144,7 @@ class MaskPyramid(nn.Module):
             tight = G.clip_boxes(G.tight_boxes(logits.sigmoid() > mp.MASK_THRESHOLD, boxes), limits)
             # only the masks whose tight box is large enough are refined again; the others keep
             # the previous pass's logits and box
-            side = (tight[:, 2:] - tight[:, :2]).prod(1).clamp(min=0).sqrt()
-            large = side >= mp.REFINE_PASS_MIN_SIZE
+            large = G.box_sides(tight) >= mp.REFINE_PASS_MIN_SIZE
             if bool(large.all()):  # every mask (always with REFINE_PASS_MIN_SIZE 0): no gather
                 boxes = tight
                 logits = self._refine_in(pyr, stride, features, boxes, classes, probs)
