@@ -152,8 +152,9 @@ def sample_windows(windows: torch.Tensor, boxes: torch.Tensor, xs: torch.Tensor,
     Returns (samples (N, C, H, W), inside (N, H, W) bool: the point lies in the window).
     """
     n, height, width = windows.shape[0], ys.shape[1], xs.shape[1]
-    gx = 2 * (xs - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]).clamp(min=1e-6) - 1
-    gy = 2 * (ys - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]).clamp(min=1e-6) - 1
+    sides = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6)  # (N, 2): width, height
+    gx = 2 * (xs - boxes[:, 0:1]) / sides[:, 0:1] - 1
+    gy = 2 * (ys - boxes[:, 1:2]) / sides[:, 1:2] - 1
     grid = torch.stack(
         [gx[:, None, :].expand(n, height, width), gy[:, :, None].expand(n, height, width)], -1
     )
@@ -187,14 +188,12 @@ def pool_windows(
         return maps.new_zeros(0, channels, size, size)
     t = (torch.arange(size, device=boxes.device, dtype=maps.dtype) + 0.5) / size
     boxes = boxes.to(maps.dtype)
-    xs = (boxes[:, 0:1] + t * (boxes[:, 2:3] - boxes[:, 0:1])) * scale  # (N, size), in cells
-    ys = (boxes[:, 1:2] + t * (boxes[:, 3:4] - boxes[:, 1:2])) * scale
+    lo = boxes[:, :2, None]  # (N, 2, 1): x0, y0
+    points = (lo + t * (boxes[:, 2:, None] - lo)) * scale  # (N, 2, size): xs, ys in cells
+    extent = torch.tensor([[width], [height]], dtype=maps.dtype, device=maps.device)
+    g = 2 * points / extent - 1
     grid = torch.stack(
-        [
-            (2 * xs / width - 1)[:, None, :].expand(n, size, size),
-            (2 * ys / height - 1)[:, :, None].expand(n, size, size),
-        ],
-        -1,
+        [g[:, 0, None, :].expand(n, size, size), g[:, 1, :, None].expand(n, size, size)], -1
     )
 
     def sample(m, g):
@@ -208,18 +207,17 @@ def pool_windows(
         out = sample(maps, grid.reshape(1, n * size, size, 2))
         out = out.view(channels, n, size, size).transpose(0, 1)
     else:
-        slot = rank_within_group(batch, torch.zeros_like(xs[:, 0]))
+        slot = rank_within_group(batch, torch.zeros_like(points[:, 0, 0]))
         per_map = int(torch.bincount(batch).max())
         padded = grid.new_zeros(num_maps, per_map, size, size, 2)
         padded[batch, slot] = grid
         out = sample(maps, padded.view(num_maps, per_map * size, size, 2))
         out = out.view(num_maps, channels, per_map, size, size).transpose(1, 2)[batch, slot]
     # ROIAlign's sample coordinates (cells less 0.5) beyond one cell of the map give 0
-    inside_x = (xs >= -0.5) & (xs <= width + 0.5)
-    inside_y = (ys >= -0.5) & (ys <= height + 0.5)
-    if bool(inside_x.all()) and bool(inside_y.all()):
+    inside = (points >= -0.5) & (points <= extent + 0.5)  # (N, 2, size)
+    if bool(inside.all()):
         return out
-    return out * (inside_y[:, :, None] & inside_x[:, None, :])[:, None].to(out.dtype)
+    return out * (inside[:, 1, :, None] & inside[:, 0, None, :])[:, None].to(out.dtype)
 
 
 def image_boxes(image_sizes, index: torch.Tensor) -> torch.Tensor:
@@ -238,13 +236,11 @@ def box_sides(boxes: torch.Tensor) -> torch.Tensor:
 def centred_boxes(centres: torch.Tensor, side: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
     """Square boxes of ``side`` (N,) around ``centres`` (N, 2), shifted inside ``limits`` (N, 4)
     (when the image is smaller than the side, the box is the image)."""
-    half = side / 2
-    x0 = torch.minimum(torch.maximum(centres[:, 0] - half, limits[:, 0]), limits[:, 2] - side)
-    y0 = torch.minimum(torch.maximum(centres[:, 1] - half, limits[:, 1]), limits[:, 3] - side)
-    x0, y0 = torch.maximum(x0, limits[:, 0]), torch.maximum(y0, limits[:, 1])
-    x1 = torch.minimum(x0 + side, limits[:, 2])
-    y1 = torch.minimum(y0 + side, limits[:, 3])
-    return torch.stack([x0, y0, x1, y1], 1)
+    side = side[:, None]
+    low, high = limits[:, :2], limits[:, 2:]  # x and y together
+    start = torch.minimum(torch.maximum(centres - side / 2, low), high - side)
+    start = torch.maximum(start, low)
+    return torch.cat([start, torch.minimum(start + side, high)], 1)
 
 
 def support_boxes(

@@ -537,12 +537,12 @@ class MaskPyramid(nn.Module):
         )(base, rois)
 
     def _extras(self, boxes, pyr_roots, pyr_root_stride, cov, batch, stride):
-        pos = position_channels(
-            boxes, self.window, pyr_roots, pyr_root_stride, self.mp.POSITION_RHO
-        )
-        chans = [pos[:, :1]]
-        if self.extra >= 2:
-            chans.append(pos[:, 1:2])
+        chans = [
+            position_channels(
+                boxes, self.window, pyr_roots, pyr_root_stride, self.mp.POSITION_RHO,
+                point=self.extra >= 2,
+            )
+        ]  # fmt: skip
         if self.extra >= 3:
             chans.append(self._windows(cov[:, None], boxes, batch, stride))
         if self.offsets > 0:
@@ -639,7 +639,10 @@ class MaskPyramid(nn.Module):
         Hr, Wr = cls_map.shape[-2:]
         root_stride = self.strides[lvl]
         score_map = cls_map.detach().sigmoid().amax(1)  # (B, Hr, Wr)
-        root_valid = G.valid_cells(sizes, root_stride, Hr, Wr, f.device)
+        if root_stride == self.strides[mask_lvl] and (Hr, Wr) == tuple(valid.shape[-2:]):
+            root_valid = valid  # the root grid is the mask grid (growth on)
+        else:
+            root_valid = G.valid_cells(sizes, root_stride, Hr, Wr, f.device)
         positives = targets["positives"][lvl] if targets is not None else None
         start_grid = lvl == 0 and len(mp.START_GRID) == 2
         if start_grid:

@@ -21,31 +21,47 @@ def window_cell_centres(boxes: torch.Tensor, size: int):
     ``x0 + (u + 0.5) (x1 - x0) / size``.
     """
     t = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) / size
-    xs = boxes[:, 0, None] + t[None] * (boxes[:, 2] - boxes[:, 0])[:, None]
-    ys = boxes[:, 1, None] + t[None] * (boxes[:, 3] - boxes[:, 1])[:, None]
-    return xs, ys
+    lo = boxes[:, :2, None]  # (N, 2, 1): x0, y0
+    centres = lo + t * (boxes[:, 2:, None] - lo)  # (N, 2, S)
+    return centres[:, 0], centres[:, 1]
 
 
 def gaussian_map(xs, ys, centres: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    """(N, S, S) Gaussians with half maximum at radius ``rho`` (N,) around ``centres`` (N, 2)."""
-    dx2 = ((xs - centres[:, 0, None]) / rho[:, None]) ** 2  # (N, S)
+    """(N, H, W) Gaussians with half maximum at radius ``rho`` (N,) around ``centres`` (N, 2),
+    at the points ``xs`` (N, W) x ``ys`` (N, H)."""
+    dx2 = ((xs - centres[:, 0, None]) / rho[:, None]) ** 2  # (N, W)
     dy2 = ((ys - centres[:, 1, None]) / rho[:, None]) ** 2
     return torch.exp(-_LN2 * (dy2[:, :, None] + dx2[:, None, :]))
 
 
+def _gaussian(offsets: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """``gaussian_map`` of a square window from the (N, 2, S) offsets of its cells' x and y
+    to the centres: both in one operation each."""
+    d2 = (offsets / rho[:, None, None]) ** 2  # (N, 2, S): x, y
+    return torch.exp(-_LN2 * (d2[:, 1, :, None] + d2[:, 0, None, :]))
+
+
 def position_channels(
-    boxes: torch.Tensor, size: int, roots: torch.Tensor, root_strides: torch.Tensor, rho: float
+    boxes: torch.Tensor,
+    size: int,
+    roots: torch.Tensor,
+    root_strides: torch.Tensor,
+    rho: float,
+    point: bool = True,
 ) -> torch.Tensor:
-    """The position map (rho in cells of the root's level) and a sharp root point, (N, 2, S, S).
+    """The position map (rho in cells of the root's level) and a sharp root point, (N, 2, S, S)
+    (with ``point`` False, the position map alone, (N, 1, S, S)).
 
     The root point is the same Gaussian with a quarter-cell radius: the "position indicator
     point" of the log, 1 at the root cell's centre and about 0 one cell away.
     """
     xs, ys = window_cell_centres(boxes, size)
+    offsets = torch.stack([xs, ys], 1) - roots[:, :, None]  # (N, 2, S)
     strides = root_strides.to(boxes.dtype)
-    wide = gaussian_map(xs, ys, roots, rho * strides)
-    point = gaussian_map(xs, ys, roots, 0.25 * strides)
-    return torch.stack([wide, point], 1)
+    maps = [_gaussian(offsets, rho * strides)]
+    if point:
+        maps.append(_gaussian(offsets, 0.25 * strides))
+    return torch.stack(maps, 1)
 
 
 def offset_channels(

@@ -33,3 +33,17 @@ def test_offsets_are_relative_coordinates_in_root_strides():
     # window cell centres x = 8, 24, 40, 56; y = 4, 12, 20, 28; divided by 2 * 16
     torch.testing.assert_close(off[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 1.5]))
     torch.testing.assert_close(off[0, 1, :, 0], torch.tensor([0.0, 0.25, 0.5, 0.75]))
+
+
+def test_position_channels_are_the_gaussians_of_the_window_and_the_point_is_optional():
+    boxes = torch.tensor([[0.0, 0, 64, 32], [10.0, 20, 50, 90]])
+    roots = torch.tensor([[8.0, 4.0], [30.0, 41.0]])
+    strides = torch.tensor([16, 8])
+    ch = position_channels(boxes, 5, roots, strides, 1.5)
+    xs, ys = window_cell_centres(boxes, 5)
+    torch.testing.assert_close(ch[:, 0], gaussian_map(xs, ys, roots, 1.5 * strides.float()))
+    torch.testing.assert_close(ch[:, 1], gaussian_map(xs, ys, roots, 0.25 * strides.float()))
+    # without the root point (EXTRA_CHANNELS 1), the same position map, and nothing else
+    alone = position_channels(boxes, 5, roots, strides, 1.5, point=False)
+    assert alone.shape == (2, 1, 5, 5)
+    assert torch.equal(alone[:, 0], ch[:, 0])
