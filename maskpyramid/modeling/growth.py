@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .position import cell_centres
+
 __all__ = [
     "Pyramids",
     "valid_cells",
@@ -186,10 +188,7 @@ def pool_windows(
     num_maps, channels, height, width = maps.shape
     if n == 0:
         return maps.new_zeros(0, channels, size, size)
-    t = (torch.arange(size, device=boxes.device, dtype=maps.dtype) + 0.5) / size
-    boxes = boxes.to(maps.dtype)
-    lo = boxes[:, :2, None]  # (N, 2, 1): x0, y0
-    points = (lo + t * (boxes[:, 2:, None] - lo)) * scale  # (N, 2, size): xs, ys in cells
+    points = cell_centres(boxes.to(maps.dtype), size) * scale  # (N, 2, size): xs, ys in cells
     extent = torch.tensor([[width], [height]], dtype=maps.dtype, device=maps.device)
     g = 2 * points / extent - 1
     grid = torch.stack(

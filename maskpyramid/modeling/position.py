@@ -9,20 +9,29 @@ import math
 
 import torch
 
-__all__ = ["window_cell_centres", "gaussian_map", "position_channels", "offset_channels"]
+__all__ = [
+    "cell_centres",
+    "window_cell_centres",
+    "gaussian_map",
+    "position_channels",
+    "offset_channels",
+]
 
 _LN2 = math.log(2.0)
 
 
-def window_cell_centres(boxes: torch.Tensor, size: int):
-    """Image coordinates of the cell centres of ``size x size`` windows over ``boxes`` (N, 4).
-
-    Returns (xs, ys), each (N, size): cell ``u`` of a window ``[x0, x1]`` is centred at
-    ``x0 + (u + 0.5) (x1 - x0) / size``.
-    """
+def cell_centres(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Coordinates of the cell centres of ``size x size`` windows over ``boxes`` (N, 4), in the
+    boxes' units: (N, 2, size), x then y. Cell ``u`` of a window ``[x0, x1]`` is centred at
+    ``x0 + (u + 0.5) (x1 - x0) / size``."""
     t = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) / size
     lo = boxes[:, :2, None]  # (N, 2, 1): x0, y0
-    centres = lo + t * (boxes[:, 2:, None] - lo)  # (N, 2, S)
+    return lo + t * (boxes[:, 2:, None] - lo)
+
+
+def window_cell_centres(boxes: torch.Tensor, size: int):
+    """``cell_centres`` as (xs, ys), each (N, size)."""
+    centres = cell_centres(boxes, size)
     return centres[:, 0], centres[:, 1]
 
 
@@ -55,8 +64,7 @@ def position_channels(
     The root point is the same Gaussian with a quarter-cell radius: the "position indicator
     point" of the log, 1 at the root cell's centre and about 0 one cell away.
     """
-    xs, ys = window_cell_centres(boxes, size)
-    offsets = torch.stack([xs, ys], 1) - roots[:, :, None]  # (N, 2, S)
+    offsets = cell_centres(boxes, size) - roots[:, :, None]  # (N, 2, S)
     strides = root_strides.to(boxes.dtype)
     maps = [_gaussian(offsets, rho * strides)]
     if point:
