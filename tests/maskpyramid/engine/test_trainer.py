@@ -166,3 +166,30 @@ def test_stream_resumes_at_its_position_and_shards_like_one_process(monkeypatch)
     for it in range(10):  # iteration `it`: 2 images per rank, together the 4 of one process
         both = shards[0][2 * it : 2 * it + 2] + shards[1][2 * it : 2 * it + 2]
         assert sorted(both) == sorted(stream[4 * it : 4 * it + 4])
+
+
+@pytest.mark.parametrize("clip_type", ["value", "norm"])
+def test_gradient_clipping_bounds_each_parameter_and_skips_those_without_gradient(
+    make_cfg, clip_type
+):
+    """SOLVER.CLIP_GRADIENTS clips each parameter's gradient by value (every element to
+    CLIP_VALUE) or by norm (the parameter's norm to CLIP_VALUE, direction kept); a parameter that
+    got no gradient this step (a MaskPyramid level without pyramids) is left alone."""
+    cfg = make_cfg(
+        "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip_type,
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 5.0, "SOLVER.BASE_LR", 0.0,
+        "SOLVER.WEIGHT_DECAY", 0.0, "SOLVER.MOMENTUM", 0.0,
+    )  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = Trainer.build_optimizer(cfg, model)
+    large, small = model[0].weight, model[0].bias
+    large.grad = torch.full_like(large, 10.0)  # norm 10 * sqrt(12) = 34.6
+    small.grad = torch.tensor([0.3, -0.4, 0.0])  # norm 0.5: under either bound
+    optimizer.step()
+    assert model[1].weight.grad is None and model[1].bias.grad is None
+    assert torch.equal(small.grad, torch.tensor([0.3, -0.4, 0.0]))
+    if clip_type == "value":
+        assert torch.equal(large.grad, torch.full_like(large, 5.0))
+    else:
+        assert torch.allclose(large.grad.norm(), torch.tensor(5.0))
+        assert torch.allclose(large.grad, torch.full_like(large, 5.0 / 12**0.5))
