@@ -13,9 +13,13 @@ Also prints the mean number of pyramids alive after each level. On CUDA (``--dev
 part waits for the GPU's work before and after it. ``--ops N`` also prints torch.profiler's N
 operators of most CPU time (on a GPU, launch overhead and synchronisations show up there).
 
+The weights may be followed by config options (``KEY VALUE`` pairs: an inference-only knob on
+the same weights, e.g. ``MODEL.MASK_PYRAMID.REFINE_PASSES 1``).
+
 Usage:
   python benchmarks/mask_pyramid_profile.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
-      output/mp_long/model_final.pth [--images 50] [--dataset shapes_val] [--device cuda] [--ops 25]
+      output/mp_long/model_final.pth [KEY VALUE ...] [--images 50] [--dataset shapes_val] \
+      [--device cuda] [--ops 25]
   python benchmarks/mask_pyramid_profile.py --model configs/shapes/mask_rcnn_R_18_FPN_long.yaml \
       output/mask_rcnn_R_18_FPN_long/model_final.pth
 """

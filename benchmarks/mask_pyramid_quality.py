@@ -22,7 +22,7 @@ On the test set's images, with their ground truth (the training mapper, without 
 
 Usage:
   python benchmarks/mask_pyramid_quality.py --model configs/shapes/mask_pyramid_R_18_FPN_long.yaml \
-      output/mp_long/model_final.pth [--images 60] [--dataset shapes_val]
+      output/mp_long/model_final.pth [KEY VALUE ...] [--images 60] [--dataset shapes_val]
 """
 
 import os

@@ -51,17 +51,20 @@ def load(config_file, weights, *opts, device=None):
 
 
 def load_mask_pyramid(doc: str, images: int, extra_args=(), other_models=False):
-    """The command line of the MaskPyramid-only benchmarks (``--model CFG PTH --images N
-    --dataset D --device DEV`` and ``extra_args``, (flag, add_argument kwargs) pairs): returns
-    (args, cfg, model); exits when the model is not a MaskPyramid (unless ``other_models``)."""
+    """The command line of the MaskPyramid-only benchmarks (``--model CFG PTH [KEY VALUE ...]
+    --images N --dataset D --device DEV`` and ``extra_args``, (flag, add_argument kwargs)
+    pairs): returns (args, cfg, model); exits when the model is not a MaskPyramid (unless
+    ``other_models``)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--model", nargs=2, required=True, metavar=("CFG", "PTH"))
+    parser.add_argument("--model", nargs="+", required=True, metavar="CFG PTH [KEY VALUE ...]")
     parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--dataset", default=None, help="default: the config's TEST[0]")
     parser.add_argument("--device", default=None, help="MODEL.DEVICE (default: the config's)")
     for flag, kwargs in extra_args:
         parser.add_argument(flag, **kwargs)
     args = parser.parse_args()
+    if len(args.model) < 2:
+        parser.error(f"--model {' '.join(args.model)}: needs a config file and its weights")
     cfg, model = load(*args.model, device=args.device)
     if cfg.MODEL.META_ARCHITECTURE != "MaskPyramid" and not other_models:
         sys.exit(f"{args.model[0]}: META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}, "
