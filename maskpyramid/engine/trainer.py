@@ -164,8 +164,8 @@ class Trainer(DefaultTrainer):
         """detectron2's optimizer. Per-parameter gradient clipping by value (SOLVER.CLIP_GRADIENTS,
         CLIP_TYPE "value") skips parameters that got no gradient this step: torch's
         ``clip_grad_value_`` fails on them, and a model whose heads depend on the batch has
-        some (MaskPyramid: a level without pyramids). Clipping by norm (CLIP_TYPE "norm", the
-        shapes configs') is detectron2's own: ``clip_grad_norm_`` skips them already."""
+        some (MaskPyramid: a level without pyramids). Clipping by norm (CLIP_TYPE "norm",
+        MaskPyramid's shapes configs) is detectron2's own: ``clip_grad_norm_`` skips them."""
         clip = cfg.SOLVER.CLIP_GRADIENTS
         if not (clip.ENABLED and clip.CLIP_TYPE == "value"):
             return super().build_optimizer(cfg, model)
