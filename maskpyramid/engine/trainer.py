@@ -8,11 +8,13 @@ Differences from ``DefaultTrainer``, each one small:
 - ``--resume`` continues exactly: the data stream resumes at its position with the same
   augmentation (:mod:`maskpyramid.data.sampling`), the model's own randomness (e.g. RoI
   sampling) is seeded per iteration (:class:`IterationSeed`), optimizer and scheduler come back;
-- images that cannot be read raise an error naming the file (:class:`CheckedDatasetMapper`).
+- images that cannot be read raise an error naming the file (:class:`CheckedDatasetMapper`);
+- the process's peak memory goes to ``metrics.json`` as ``peak_memory_mib`` (:class:`PeakMemory`).
 """
 
 import logging
 import os
+import resource
 import weakref
 
 import numpy as np
@@ -36,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.mapper import CheckedDatasetMapper, MaskPyramidDatasetMapper
 from ..data.sampling import PositionedDataset, ResumableTrainingSampler, SeededMapper
 
-__all__ = ["AtomicCheckpointer", "IterationSeed", "Trainer", "create_ddp_model"]
+__all__ = ["AtomicCheckpointer", "IterationSeed", "PeakMemory", "Trainer", "create_ddp_model"]
 
 
 def _atomic_write(path: str, write) -> None:
@@ -104,6 +106,19 @@ class IterationSeed(HookBase):
     def before_step(self):
         state = np.random.SeedSequence([self.seed, self.trainer.iter, comm.get_rank()])
         torch.manual_seed(int(state.generate_state(1)[0]))
+
+
+class PeakMemory(HookBase):
+    """Puts ``peak_memory_mib`` into the ``EventStorage`` after every step: the largest GPU
+    memory torch has allocated on a CUDA model, else the process's peak resident set size
+    (main process; the data-loader workers are not counted)."""
+
+    def after_step(self):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        self.trainer.storage.put_scalar("peak_memory_mib", peak, smoothing_hint=False)
 
 
 class Trainer(DefaultTrainer):
@@ -207,7 +222,7 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder)
 
     def build_hooks(self):
-        return [IterationSeed(self._train_sampler.seed)] + super().build_hooks()
+        return [IterationSeed(self._train_sampler.seed), PeakMemory()] + super().build_hooks()
 
     def state_dict(self):
         ret = super().state_dict()

@@ -193,3 +193,17 @@ def test_gradient_clipping_bounds_each_parameter_and_skips_those_without_gradien
     else:
         assert torch.allclose(large.grad.norm(), torch.tensor(5.0))
         assert torch.allclose(large.grad, torch.full_like(large, 5.0 / 12**0.5))
+
+
+def test_metrics_record_the_peak_memory(make_cfg, tmp_path):
+    import json
+    import resource
+
+    Trainer(make_cfg("SOLVER.MAX_ITER", 3)).train()
+    with open(tmp_path / "metrics.json") as f:
+        records = [json.loads(line) for line in f]
+    peaks = [r["peak_memory_mib"] for r in records if "peak_memory_mib" in r]
+    assert peaks, "metrics.json has no peak_memory_mib"
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # this process's peak RSS, written after the last step: hundreds of MiB, never above now
+    assert 50 < peaks[-1] <= now
