@@ -15,38 +15,27 @@ Usage:
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+from maskpyramid.engine.runs import (
+    METRICS,
+    last_evaluation,
+    metrics_file,
+    read_metrics,
+    training_summary,
+)
 
 
 def read_run(run_dir: str, task: str, last: int = 100):
     """(metrics dict, final loss, median s/iter) of one run; exits naming the file at fault."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
-        sys.exit(f"{path}: no such file (is {run_dir} a train_net.py OUTPUT_DIR?)")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                sys.exit(f"{path}:{n}: not JSON ({e})")
-    evals = [r for r in rows if f"{task}/AP" in r]
-    if not evals:
-        sys.exit(f"{path}: no {task} evaluation (did the training end with one?)")
-    result = {m: evals[-1][f"{task}/{m}"] for m in METRICS}
-    result["bbox AP"] = evals[-1].get("bbox/AP", float("nan"))
-    prefix = f"{task}/AP-"
-    result["classes"] = {k[len(prefix) :]: v for k, v in evals[-1].items() if k.startswith(prefix)}
-    train = [r for r in rows if "total_loss" in r]
-    final = [r["total_loss"] for r in train if r["iteration"] > train[-1]["iteration"] - last]
-    times = [r["time"] for r in train if "time" in r]
-    loss = statistics.mean(final) if final else float("nan")
-    return result, loss, statistics.median(times) if times else float("nan")
+    try:
+        rows = read_metrics(run_dir)
+        result = last_evaluation(rows, task, source=metrics_file(run_dir))
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
+    summary = training_summary(rows, last)
+    return result, summary["final_loss"], summary["s_per_iter"]
 
 
 def main():
