@@ -307,6 +307,11 @@ def _add_mask_pyramid_keys(cfg: CfgNode) -> None:
 
     # --- inference ---
     mp.SCORE_THRESH_TEST = 0.05
+    # what demo.py and the pyramid growth viewer draw: the outputs scoring at least this. Scores
+    # are products of probabilities (root objectness x class probability x predicted mask IoU),
+    # so a good mask often scores 0.05-0.3 where a Mask R-CNN box scores above 0.5. The COCO
+    # evaluation does not use it (it ranks the outputs by score)
+    mp.VIS_SCORE_THRESH = 0.05
     mp.DETECTIONS_PER_IMAGE = 100
     # each kept pyramid is output once for each of its K most probable classes (with that
     # class's score, above SCORE_THRESH_TEST), as Mask R-CNN outputs a box once per class;

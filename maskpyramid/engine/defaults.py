@@ -11,7 +11,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import add_maskpyramid_config, resolve_num_classes
 from ..data.datasets import register_coco_instances_checked
 
-__all__ = ["argument_parser", "register_datasets_from_args", "setup"]
+__all__ = ["argument_parser", "build_cfg", "register_datasets_from_args", "setup"]
 
 
 def argument_parser(epilog: str = None) -> argparse.ArgumentParser:
@@ -35,8 +35,9 @@ def register_datasets_from_args(args) -> None:
         register_coco_instances_checked(name, json_file, image_root)
 
 
-def setup(args, add_configs: Sequence[Callable] = ()):
-    """Config from ``--config-file`` and ``opts``, datasets registered, classes checked.
+def build_cfg(config_file: str, opts: Sequence = (), add_configs: Sequence[Callable] = ()):
+    """detectron2's config with MaskPyramid's keys (and ``add_configs``'), merged from
+    ``config_file`` and ``opts`` (KEY VALUE ...); unfrozen, the number of classes not resolved.
 
     Args:
         add_configs: more ``add_*_config(cfg)`` functions, e.g. of projects, run before merging.
@@ -45,8 +46,18 @@ def setup(args, add_configs: Sequence[Callable] = ()):
     add_maskpyramid_config(cfg)
     for add_config in add_configs:
         add_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def setup(args, add_configs: Sequence[Callable] = ()):
+    """Config from ``--config-file`` and ``opts``, datasets registered, classes checked.
+
+    Args:
+        add_configs: more ``add_*_config(cfg)`` functions, e.g. of projects, run before merging.
+    """
+    cfg = build_cfg(args.config_file, args.opts, add_configs)
     # before the datasets, whose loading and generation log through it
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="maskpyramid")
     register_datasets_from_args(args)
