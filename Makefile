@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LINT_PATHS := $(wildcard maskpyramid projects tools tests benchmarks train_net.py)
+LINT_PATHS := $(wildcard maskpyramid projects tools tests benchmarks train_net.py demo.py)
 SETUP_INPUTS := requirements.txt setup.cfg pyproject.toml tools/build_detectron2.py maskpyramid/compat.py
 
 .PHONY: venv demo test lint format
