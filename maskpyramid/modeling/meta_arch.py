@@ -100,9 +100,14 @@ class MaskPyramid(nn.Module):
         pixel_mean,
         pixel_std,
         mp,  # the MODEL.MASK_PYRAMID node (every knob is read from it once, here)
+        vis_period: int = 0,
+        input_format: str = "BGR",
     ):
         super().__init__()
         self.backbone = backbone
+        # training-time images (VIS_PERIOD): predicted vs target pyramid masks per level
+        self.vis_period = int(vis_period)
+        self.input_format = input_format
         self.in_features = list(in_features)  # root levels: pyramids spawn and grow
         self.readout_features = list(readout_features)  # finer levels: pyramids only grow
         self.mask_features = self.in_features + self.readout_features
@@ -328,6 +333,8 @@ class MaskPyramid(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "mp": mp.clone(),
+            "vis_period": cfg.VIS_PERIOD,
+            "input_format": cfg.INPUT.FORMAT,
         }
 
     @property
@@ -340,16 +347,9 @@ class MaskPyramid(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        feats = [features[f] for f in self.mask_features]
-        self._check_finite(feats, batched_inputs)
-        n_on = self._levels_on() if self.training else self.test_levels
-        score_levels = feats[: min(n_on, self.n_root)] if self.growth else feats[:1]
-        cls_maps, iou_maps = self.score_head(score_levels)
         if not self.training:
-            records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on)
-            return self.inference(records[-1], batched_inputs, images.image_sizes, features)
+            return self.inference_with_records(batched_inputs)[0]
+        images, features, feats, n_on, cls_maps, iou_maps = self._features(batched_inputs)
         if "pyramid_targets" not in batched_inputs[0]:
             raise ValueError(
                 "MaskPyramid training inputs lack 'pyramid_targets': train with "
@@ -370,7 +370,33 @@ class MaskPyramid(nn.Module):
                 records[-1], targets, features, images.image_sizes, overlaps, refine_boxes
             )
         self._log_counts(records, len(batched_inputs))
+        if self.vis_period > 0:
+            storage = get_event_storage()
+            if storage.iter % self.vis_period == 0:
+                from ..vis.training import put_training_images  # drawing only when asked
+
+                put_training_images(storage, batched_inputs, records, self.input_format)
         return losses
+
+    def inference_with_records(self, batched_inputs: List[Dict]):
+        """Inference, and what each level of growth did: (results, records), ``results`` as
+        ``forward`` returns them in eval mode, ``records`` one :class:`LevelRecord` per level
+        (of the whole batch). The pyramid growth viewer (``maskpyramid.vis``) draws these."""
+        images, features, feats, n_on, cls_maps, iou_maps = self._features(batched_inputs)
+        records = self.grow(feats, cls_maps, iou_maps, images.image_sizes, n_on)
+        results = self.inference(records[-1], batched_inputs, images.image_sizes, features)
+        return results, records
+
+    def _features(self, batched_inputs):
+        """Images, backbone features, the mask levels' features, the levels on, score maps."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        feats = [features[f] for f in self.mask_features]
+        self._check_finite(feats, batched_inputs)
+        n_on = self._levels_on() if self.training else self.test_levels
+        score_levels = feats[: min(n_on, self.n_root)] if self.growth else feats[:1]
+        cls_maps, iou_maps = self.score_head(score_levels)
+        return images, features, feats, n_on, cls_maps, iou_maps
 
     def preprocess_image(self, batched_inputs):
         images = [
