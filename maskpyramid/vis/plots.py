@@ -182,8 +182,9 @@ def _ap_axes(ax, results, task, errors=None):
     top = _grouped_bars(ax, results, AP_METRICS, errors)
     ax.set_xticklabels([f"{task} {k}" for k in AP_METRICS])
     ax.set_ylabel(f"{task} AP (%)")
-    ax.set_ylim(0, max(top * 1.15, 1.0))
-    ax.legend(fontsize="small")
+    # room above the bars for the legend, in one row
+    ax.set_ylim(0, max(top * 1.3, 1.0))
+    ax.legend(fontsize="small", loc="upper center", ncol=min(3, len(results)))
 
 
 def plot_comparison(rows: List[dict], path: str, title: Optional[str] = None) -> str:
