@@ -23,6 +23,7 @@ from maskpyramid.engine.runs import (
     last_evaluation,
     metrics_file,
     read_metrics,
+    sample_sd,
     training_summary,
 )
 
@@ -67,7 +68,7 @@ def main():
             stats = []
             for c in cols:
                 xs = [r[c] for r in results]
-                stats.append(f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}")
+                stats.append(f"{statistics.mean(xs):.1f} ± {sample_sd(xs):.1f}")
             print(f"| **{label}, mean ± sd of {len(results)}** | | {' | '.join(stats)} | | |")
     if args.per_class:
         print_per_class(groups, args.task)

@@ -17,12 +17,11 @@ Usage:
 """
 
 import argparse
-import math
 import os
 import statistics
 import sys
 
-from maskpyramid.engine.runs import last_evaluation, metrics_file, read_metrics
+from maskpyramid.engine.runs import last_evaluation, metrics_file, read_metrics, sample_sd
 from maskpyramid.vis.plots import AP_METRICS, plot_ap_bars, plot_training_curves
 
 
@@ -32,11 +31,6 @@ def run_label(run: str) -> str:
     if os.path.basename(run) == "metrics.json":
         return os.path.dirname(run) or run
     return run
-
-
-def sample_sd(values):
-    """The sample standard deviation; nan when a value is nan (COCO's AP of an absent size)."""
-    return float("nan") if any(math.isnan(v) for v in values) else statistics.stdev(values)
 
 
 def curves(args, parser):

@@ -14,7 +14,14 @@ import os
 import statistics
 from typing import Dict, List
 
-__all__ = ["METRICS", "metrics_file", "read_metrics", "last_evaluation", "training_summary"]
+__all__ = [
+    "METRICS",
+    "metrics_file",
+    "read_metrics",
+    "last_evaluation",
+    "training_summary",
+    "sample_sd",
+]
 
 # COCOEvaluator's summary metrics, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -124,3 +131,8 @@ def training_summary(rows: List[dict], last: int = 100) -> Dict[str, float]:
     if memory:
         summary["peak_memory_mib"] = max(memory)
     return summary
+
+
+def sample_sd(values: List[float]) -> float:
+    """The sample standard deviation; nan when a value is nan (COCO's AP of an absent size)."""
+    return float("nan") if any(math.isnan(v) for v in values) else statistics.stdev(values)

@@ -138,3 +138,10 @@ def test_runs_module_does_not_import_matplotlib():
     code = "import sys, maskpyramid.engine.runs; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_sample_sd_is_nan_where_a_value_is():
+    from maskpyramid.engine.runs import sample_sd
+
+    assert sample_sd([1.0, 3.0]) == pytest.approx(2**0.5)
+    assert math.isnan(sample_sd([1.0, float("nan")]))  # statistics.stdev raises on it
