@@ -31,3 +31,15 @@ def test_training_images_per_level_every_vis_period(make_cfg, period, iteration,
         # CHW RGB, the two halves side by side under their titles
         assert img.shape[0] == 3 and img.shape[2] == 2 * w + 4 and img.shape[1] > h
         assert img.dtype.name == "uint8" and img.max() > 0
+
+
+def test_trainer_writes_the_images_to_tensorboard(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(*OPTS, "VIS_PERIOD", 1, "SOLVER.MAX_ITER", 2, config_file=CONFIG)
+    Trainer(cfg).train()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert "pyramids/p3: target (left) vs predicted (right) masks" in tags
+    assert len(events.Images(tags[0])) >= 1
