@@ -5,6 +5,7 @@ import json
 import os
 
 import cv2
+import pytest
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
@@ -66,8 +67,11 @@ def test_table_and_figure_from_the_runs_and_measurements(tmp_path, capsys):
     assert image.shape[0] > 300 and image.shape[1] > 800 and image.std() > 10
 
 
-def test_a_run_without_evaluation_is_named(tmp_path):
+def test_a_run_without_evaluation_is_named(tmp_path, capsys):
     cm = _script()
+    with pytest.raises(SystemExit) as e:
+        cm.main(["--help"])
+    assert e.value.code == 0 and "--schedule" in capsys.readouterr().out
     args = cm.get_parser().parse_args(["--output", str(tmp_path), "--models", "mask_rcnn"])
     (tmp_path / "mask_rcnn").mkdir()
     (tmp_path / "mask_rcnn" / "metrics.json").write_text('{"iteration": 0, "total_loss": 1}\n')

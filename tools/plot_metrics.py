@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Figures of ``train_net.py`` runs from their ``metrics.json``: training curves, AP bar charts.
+r"""Figures of ``train_net.py`` runs from their ``metrics.json``: training curves, AP bar charts.
 
 ``curves`` overlays the training curves of runs (total loss, MaskPyramid's per-level mask losses,
 the other losses, learning rate). ``ap`` draws the final evaluation's AP, APs, APm and APl per

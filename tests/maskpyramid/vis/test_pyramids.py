@@ -94,8 +94,11 @@ def _tool(name):
     return module
 
 
-def test_viewer_command_writes_every_level_and_names_bad_input(make_cfg, tmp_path):
+def test_viewer_command_writes_every_level_and_names_bad_input(make_cfg, tmp_path, capsys):
     main = _tool("visualize_pyramids").main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--dataset NAME" in capsys.readouterr().out
     cfg = make_cfg(*OPTS, config_file=CONFIG)
     model = build_model(cfg)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
