@@ -10,12 +10,10 @@ the checkpoint must hold every weight of the config's model. For example::
 """
 
 import argparse
-import glob
 import logging
 import os
 import sys
 import time
-from typing import List, Sequence
 
 import cv2
 import tqdm
@@ -26,13 +24,12 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import maskpyramid  # noqa: F401  (registers datasets and models)
 import scratch_mask_rcnn  # registers ScratchMaskRCNN
 from maskpyramid.config import NUM_CLASSES_KEYS, resolve_num_classes
+from maskpyramid.data.files import IMAGE_EXTENSIONS, expand_inputs, output_names
 from maskpyramid.engine import CheckpointError, Predictor, build_cfg
 
 # the project's config keys, and where its model reads the number of classes (as train_net.py)
 ADD_CONFIGS = (scratch_mask_rcnn.add_scratch_mask_rcnn_config,)
 NUM_CLASSES_KEYS.update(scratch_mask_rcnn.NUM_CLASSES_KEYS)
-# what a folder given to --input contributes (compared lower-cased)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # the display threshold of the models other than MaskPyramid (detectron2's demo default)
 RCNN_VIS_THRESH = 0.5
 
@@ -89,57 +86,6 @@ def _fail(message: str, status: int = 1) -> None:
     """Exit with a one-line error on stderr, without a traceback."""
     print(f"demo.py: error: {message}", file=sys.stderr)
     raise SystemExit(status)
-
-
-def expand_inputs(inputs: Sequence[str]) -> List[str]:
-    """The image files of ``inputs`` (files, glob patterns, folders), duplicates removed.
-
-    Raises:
-        ValueError: an input that matches no image (an empty folder, a pattern matching no image
-            file, a missing file), naming it.
-    """
-    paths, seen = [], set()
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(item, f)
-                for f in os.listdir(item)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, f))
-            )
-            if not found:
-                raise ValueError(f"folder {item} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-        elif glob.has_magic(item):
-            found = sorted(
-                p
-                for p in glob.glob(item)
-                if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise ValueError(f"no image file matches {item}")
-        elif os.path.isfile(item):
-            found = [item]
-        else:
-            raise ValueError(f"no such image file or folder: {item}")
-        for path in found:
-            key = os.path.realpath(path)
-            if key not in seen:
-                seen.add(key)
-                paths.append(path)
-    return paths
-
-
-def output_names(paths: Sequence[str]) -> List[str]:
-    """``<stem>.png`` per path; a stem seen before gets the first free ``_1``, ``_2``, ..."""
-    names, used = [], set()
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name, n = f"{stem}.png", 0
-        while name in used:
-            n += 1
-            name = f"{stem}_{n}.png"
-        used.add(name)
-        names.append(name)
-    return names
 
 
 def setup_cfg(args):

@@ -30,6 +30,7 @@ from detectron2.modeling import build_model
 import maskpyramid  # noqa: F401  (registers datasets and MaskPyramid)
 import scratch_mask_rcnn
 from maskpyramid.config import resolve_num_classes
+from maskpyramid.data.files import expand_inputs, output_names
 from maskpyramid.data.mapper import CheckedDatasetMapper, ImageReadError, MaskPyramidDatasetMapper
 from maskpyramid.engine import build_cfg, load_checkpoint
 from maskpyramid.vis.pyramids import write_growth_views
@@ -99,15 +100,9 @@ def _dataset_inputs(cfg, name, indices):
 
 def _file_inputs(cfg, paths):
     mapper = CheckedDatasetMapper(cfg, is_train=False)
-    stems = set()
-    for path in paths:
-        if not os.path.isfile(path):
-            sys.exit(f"--input {path}: no such file")
-        stem = os.path.splitext(os.path.basename(path))[0]
-        while stem in stems:
-            stem += "_"
-        stems.add(stem)
-        yield stem, mapper({"file_name": path, "image_id": path}), _original(path), None
+    for path, name in zip(paths, output_names(paths)):
+        record = {"file_name": path, "image_id": path}
+        yield os.path.splitext(name)[0], mapper(record), _original(path), None
 
 
 def _original(path):
@@ -137,11 +132,13 @@ def main(argv=None) -> int:
     if thresh is None:
         thresh = cfg.MODEL.MASK_PYRAMID.VIS_SCORE_THRESH
     test_set = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else cfg.DATASETS.TRAIN[0]
-    inputs = (
-        _dataset_inputs(cfg, args.dataset, args.index)
-        if args.dataset
-        else _file_inputs(cfg, args.input)
-    )
+    if args.dataset:
+        inputs = _dataset_inputs(cfg, args.dataset, args.index)
+    else:
+        try:
+            inputs = _file_inputs(cfg, expand_inputs(args.input))
+        except ValueError as e:
+            sys.exit(f"--input: {e}")
     try:
         for folder, mapped, original, dataset in inputs:
             metadata = MetadataCatalog.get(dataset or test_set)

@@ -116,6 +116,8 @@ def test_viewer_command_writes_every_level_and_names_bad_input(make_cfg, tmp_pat
     stem = os.path.splitext(os.path.basename(image))[0]
     assert os.path.isfile(tmp_path / "out" / stem / "overview.png")
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     for args, message in [
@@ -124,6 +126,7 @@ def test_viewer_command_writes_every_level_and_names_bad_input(make_cfg, tmp_pat
         (["--dataset", "tiny_shapes_val", "--index", "99", "--opts", "MODEL.WEIGHTS", weights],
          "tiny_shapes_val has 6 images"),
         (["--dataset", "no_such_set", "--opts", "MODEL.WEIGHTS", weights], "no_such_set"),
+        (["--input", str(empty), "--opts", "MODEL.WEIGHTS", weights], f"folder {empty} holds no"),
     ]:  # fmt: skip
         with pytest.raises((SystemExit, FileNotFoundError)) as e:
             main(base + args)
