@@ -21,7 +21,7 @@ bars, and the times relative to detectron2's Mask R-CNN).
 Usage:
   python benchmarks/compare_models.py [--output output/compare] [--report docs/shapes_comparison]
       [--schedule long|short] [--seed 42] [--jobs 1] [--threads 1] [--device cpu|cuda]
-      [--images 300] [--train-iters 20] [--models mask_pyramid scratch_mask_rcnn mask_rcnn]
+      [--images 298] [--train-iters 20] [--models mask_pyramid scratch_mask_rcnn mask_rcnn]
 """
 
 import argparse
@@ -93,8 +93,8 @@ def get_parser():
     parser.add_argument(
         "--images",
         type=int,
-        default=300,
-        help="shapes_val images timed for inference (at most 300)",
+        default=298,
+        help="shapes_val images timed for inference, after two warm-up ones (at most 298)",
     )
     parser.add_argument("--train-iters", type=int, default=20, help="timed training steps")
     parser.add_argument(
