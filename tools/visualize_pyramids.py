@@ -70,6 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--confidence-threshold",
         type=float,
         default=None,
+        metavar="T",
         help="final predictions drawn score at least this (default: "
         "MODEL.MASK_PYRAMID.VIS_SCORE_THRESH)",
     )
@@ -80,7 +81,7 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="KEY VALUE",
         help="config options, e.g. MODEL.WEIGHTS path/to/model_final.pth",
     )
-    return parser  # fmt: skip
+    return parser
 
 
 def _dataset_inputs(cfg, name, indices):
