@@ -15,8 +15,9 @@ COCO AP comes from the evaluation that ends each training (its ``metrics.json``)
 
 A model whose ``OUTPUT/<model>/model_final.pth`` exists is not trained again (``--retrain`` to
 do so); an interrupted training resumes where it stopped (``--resume``). Writes
-``REPORT.md`` (the table, the machine and the command) and ``REPORT.png`` (AP / APs / APm / APl
-bars, and the times relative to detectron2's Mask R-CNN).
+``PREFIX.md`` (the table, the machine and the command), ``PREFIX.png`` (AP / APs / APm / APl
+bars, and the costs relative to detectron2's Mask R-CNN) and ``PREFIX_curves.png`` (the three
+trainings' losses and learning rate, ``tools/plot_metrics.py curves``).
 
 Usage:
   python benchmarks/compare_models.py [--output output/compare] [--report docs/shapes_comparison]
@@ -280,7 +281,8 @@ def rows_of(keys, args, measured):
         summary = training_summary(metrics)
         rows.append({"key": key, "label": MODELS[key][0],
                      "config": config_file(key, args.schedule), "segm": segm,
-                     "iterations": summary["iterations"] + 1, **measured[key]})  # fmt: skip
+                     "iterations": summary["iterations"] + 1, "metrics": metrics,
+                     **measured[key]})  # fmt: skip
     return rows
 
 
@@ -334,11 +336,13 @@ def main(argv=None):
     text = markdown(rows, args, command)
     with open(f"{report}.md", "w") as f:
         f.write(text)
-    from maskpyramid.vis.plots import plot_comparison
+    from maskpyramid.vis.plots import plot_comparison, plot_training_curves
 
     plot_comparison(rows, f"{report}.png")
+    curves = {r["label"]: r["metrics"] for r in rows}
+    plot_training_curves(curves, f"{report}_curves.png", smooth=5)
     print(text)
-    print(f"wrote {report}.md and {report}.png")
+    print(f"wrote {report}.md, {report}.png and {report}_curves.png (the runs' training curves)")
     return 0
 
 

@@ -42,29 +42,27 @@ def _run(tmp_path, key, ap, train_s, infer_s):
     }
 
 
-def test_table_and_figure_from_the_runs_and_measurements(tmp_path, capsys):
+def test_table_and_figures_from_the_runs_and_measurements(tmp_path, capsys, monkeypatch):
     cm = _script()
-    args = cm.get_parser().parse_args(["--output", str(tmp_path / "runs")])
     measured = {
         "mask_pyramid": _run(tmp_path, "mask_pyramid", 37.0, 3.0, 0.2),
         "scratch_mask_rcnn": _run(tmp_path, "scratch_mask_rcnn", 32.5, 2.4, 0.25),
         "mask_rcnn": _run(tmp_path, "mask_rcnn", 32.0, 2.0, 0.25),
     }
-    cm.train(list(cm.MODELS), args)  # every model_final.pth exists: nothing is trained
+    monkeypatch.setattr(cm, "measure_all", lambda keys, args: measured)
+    report = tmp_path / "docs" / "cmp"
+    assert cm.main(["--output", str(tmp_path / "runs"), "--report", str(report)]) == 0
+    # every model_final.pth exists: nothing is trained
     assert capsys.readouterr().out.count("not trained again") == 3
-    rows = cm.rows_of(list(cm.MODELS), args, measured)
-    text = cm.markdown(rows, args, "python benchmarks/compare_models.py")
-    lines = text.splitlines()
+    lines = (tmp_path / "docs" / "cmp.md").read_text().splitlines()
     assert lines[2].startswith("| MaskPyramid (`configs/shapes/mask_pyramid_R_18_FPN_long.yaml`) "
                                "| 37.0 | 38.0 | 39.0 | 40.0 | 41.0 | 42.0 | 47.0 | 3.000 (1.50x) "
                                "| 0.200 (0.80x) | 4.0 | 2000 |")  # fmt: skip
     assert lines[4].startswith("| Mask R-CNN, detectron2 ") and "(1." not in lines[4]
-    assert "1500 iterations, seed 42" in text
-    from maskpyramid.vis.plots import plot_comparison
-
-    png = plot_comparison(rows, str(tmp_path / "comparison.png"))
-    image = cv2.imread(png)
-    assert image.shape[0] > 300 and image.shape[1] > 800 and image.std() > 10
+    assert "1500 iterations, seed 42" in "\n".join(lines)
+    for png in ("cmp.png", "cmp_curves.png"):
+        image = cv2.imread(str(tmp_path / "docs" / png))
+        assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 10
 
 
 def test_a_run_without_evaluation_is_named(tmp_path, capsys):
