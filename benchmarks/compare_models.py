@@ -282,6 +282,7 @@ def rows_of(keys, args, measured):
         rows.append({"key": key, "label": MODELS[key][0],
                      "config": config_file(key, args.schedule), "segm": segm,
                      "iterations": summary["iterations"] + 1, "metrics": metrics,
+                     "run_peak_memory_mib": summary["peak_memory_mib"],
                      **measured[key]})  # fmt: skip
     return rows
 
@@ -290,9 +291,9 @@ def markdown(rows, args, command) -> str:
     base = rows[-1]  # detectron2's Mask R-CNN, unless --models leaves it out
     head = (
         "| model | segm AP | AP50 | AP75 | APs | APm | APl | bbox AP | train s/iter "
-        "| inference s/image | masks/image > 0.05 | peak memory MiB |"
+        "| inference s/image | masks/image > 0.05 | peak memory MiB | training run's peak MiB |"
     )
-    lines = [head, "|---" * 13 + "|"]
+    lines = [head, "|---" * 14 + "|"]
     for r in rows:
         s = r["segm"]
         ap = " | ".join(f"{s[m]:.1f}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
@@ -303,7 +304,8 @@ def markdown(rows, args, command) -> str:
             infer += f" ({r['inference_s'] / base['inference_s']:.2f}x)"
         lines.append(
             f"| {r['label']} (`{r['config']}`) | {ap} | {s['bbox AP']:.1f} | {train} "
-            f"| {infer} | {r['masks_per_image']:.1f} | {r['peak_memory_mib']:.0f} |"
+            f"| {infer} | {r['masks_per_image']:.1f} | {r['peak_memory_mib']:.0f} "
+            f"| {r['run_peak_memory_mib']:.0f} |"
         )
     r0 = rows[0]
     notes = [
@@ -314,7 +316,9 @@ def markdown(rows, args, command) -> str:
         f"each model in a process of its own on {r0['device']}; ratios against "
         f"{base['label']}. Peak memory: "
         + ("peak of torch's CUDA allocations in training." if "threads" not in r0["device"]
-           else "the measuring process's peak resident set (inference, then training)."),
+           else "the measuring process's peak resident set (inference, then training).")
+        + " The training run's peak: its `metrics.json`'s `peak_memory_mib` (the Trainer's "
+        "`PeakMemory`, the evaluation not included).",
         "",
         f"Generated {datetime.date.today().isoformat()} by `{command}`.",
     ]  # fmt: skip

@@ -57,7 +57,7 @@ def test_table_and_figures_from_the_runs_and_measurements(tmp_path, capsys, monk
     lines = (tmp_path / "docs" / "cmp.md").read_text().splitlines()
     assert lines[2].startswith("| MaskPyramid (`configs/shapes/mask_pyramid_R_18_FPN_long.yaml`) "
                                "| 37.0 | 38.0 | 39.0 | 40.0 | 41.0 | 42.0 | 47.0 | 3.000 (1.50x) "
-                               "| 0.200 (0.80x) | 4.0 | 2000 |")  # fmt: skip
+                               "| 0.200 (0.80x) | 4.0 | 2000 | 99 |")  # fmt: skip
     assert lines[4].startswith("| Mask R-CNN, detectron2 ") and "(1." not in lines[4]
     assert "1500 iterations, seed 42" in "\n".join(lines)
     for png in ("cmp.png", "cmp_curves.png"):
