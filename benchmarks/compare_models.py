@@ -293,7 +293,7 @@ def markdown(rows, args, command) -> str:
         "| model | segm AP | AP50 | AP75 | APs | APm | APl | bbox AP | train s/iter "
         "| inference s/image | masks/image > 0.05 | peak memory MiB | training run's peak MiB |"
     )
-    lines = [head, "|---" * 14 + "|"]
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         s = r["segm"]
         ap = " | ".join(f"{s[m]:.1f}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl"))

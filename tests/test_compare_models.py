@@ -55,6 +55,7 @@ def test_table_and_figures_from_the_runs_and_measurements(tmp_path, capsys, monk
     # every model_final.pth exists: nothing is trained
     assert capsys.readouterr().out.count("not trained again") == 3
     lines = (tmp_path / "docs" / "cmp.md").read_text().splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 14
     assert lines[2].startswith("| MaskPyramid (`configs/shapes/mask_pyramid_R_18_FPN_long.yaml`) "
                                "| 37.0 | 38.0 | 39.0 | 40.0 | 41.0 | 42.0 | 47.0 | 3.000 (1.50x) "
                                "| 0.200 (0.80x) | 4.0 | 2000 | 99 |")  # fmt: skip
