@@ -23,30 +23,30 @@ import sys
 import time
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import maskpyramid  # noqa: F401
 import scratch_mask_rcnn
-from maskpyramid.config import NUM_CLASSES_KEYS, add_maskpyramid_config, resolve_num_classes
-from maskpyramid.engine import Trainer
+from maskpyramid.config import NUM_CLASSES_KEYS, resolve_num_classes
+from maskpyramid.engine import Trainer, build_cfg, load_checkpoint
 
 NUM_CLASSES_KEYS.update(scratch_mask_rcnn.NUM_CLASSES_KEYS)
 THRESHOLDS = (0.05, 0.3, 0.5)
 
 
 def load(config_file, weights, *opts, device=None):
-    cfg = get_cfg()
-    add_maskpyramid_config(cfg)
-    scratch_mask_rcnn.add_scratch_mask_rcnn_config(cfg)
-    cfg.merge_from_file(config_file)
+    """(cfg, eval model) of a config and its checkpoint; exits naming a checkpoint that does not
+    fit (``maskpyramid.engine.load_checkpoint``: a benchmark of random weights measures nothing)."""
     if len(opts) % 2:
         sys.exit(f"--model {config_file} {weights}: options must be KEY VALUE pairs, got {opts}")
-    cfg.merge_from_list(list(opts) + (["MODEL.DEVICE", device] if device else []))
+    opts = list(opts) + (["MODEL.DEVICE", device] if device else [])
+    cfg = build_cfg(config_file, opts, (scratch_mask_rcnn.add_scratch_mask_rcnn_config,))
     resolve_num_classes(cfg)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    try:
+        load_checkpoint(model, weights, key=f"--model {config_file}", config_file=config_file)
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
     return cfg, model.eval()
 
 
